@@ -1,0 +1,48 @@
+# sdft: `make demo` runs the whole pipeline once on the embedded default; `make test` runs the test suite.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build. On a GPU machine override it, e.g.
+# make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+# Everything the stack needs offline, in one place (pipeline/env.py sets the same for Python entry points).
+export HF_HUB_OFFLINE ?= 1
+export DO_NOT_TRACK := 1
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: install demo test lint format serve ui clean
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e '.[dev]'
+	# Only for CLIP's BPE merges file (the real tokenizer, built offline); --no-deps keeps its torchvision out.
+	$(BIN)/pip install -q --no-deps 'open_clip_torch>=2.24,<4'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/sdft init
+	$(BIN)/sdft run
+
+test: install
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
+
+ui: install
+	$$($(BIN)/sdft ui)
+
+clean:
+	rm -rf data/prepared models/adapter reports .sdft mlflow/mlflow.db mlflow/artifacts
