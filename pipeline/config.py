@@ -1,0 +1,212 @@
+"""Typed, validated `params.yaml`.
+
+Loaded once per process into frozen pydantic models that reject unknown keys and wrong types; every error names the
+file, the dotted key, its line, and what to do, before any work starts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.gate import GatePolicy
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ParamsError(ValueError):
+    """`params.yaml` is unusable; the message says where and how to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseModelParams(_Section):
+    model: str = Field(
+        description="Hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) or local diffusers folder."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of base.model.")
+
+
+class DataParams(_Section):
+    source: str = Field(description="Raw image-caption folder (imagefolder, kohya sidecars, or a manifest).")
+    layout: Literal["auto", "imagefolder", "kohya", "manifest"] = "auto"
+    manifest: str | None = Field(None, description="CSV/JSONL of paths and captions, when layout is 'manifest'.")
+    caption_column: str = "text"
+    resolution: Annotated[int, Field(ge=8)] = 64
+    crop: Literal["center", "random"] = "center"
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    split_salt: str = "sdft"
+    on_invalid: Literal["fail", "skip"] = "skip"
+    min_size: Annotated[int, Field(ge=1)] = 32
+    max_pixels: Annotated[int, Field(ge=1)] = 40_000_000
+    near_duplicate_distance: Annotated[int, Field(ge=0, le=64)] = 0
+    alpha_background: tuple[int, int, int] = (255, 255, 255)
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8), got {value}")
+        return value
+
+
+class TrainParams(_Section):
+    seed: int = 0
+    max_steps: Annotated[int, Field(ge=0)] = 200
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    learning_rate: Annotated[float, Field(ge=0)] = 1e-3
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    lr_warmup_steps: Annotated[int, Field(ge=0)] = 0
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-2
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    lora_rank: Annotated[int, Field(ge=1)] = 4
+    lora_alpha: Annotated[float, Field(gt=0)] = 4.0
+    lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+    noise_offset: Annotated[float, Field(ge=0)] = 0.0
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    validation_every: Annotated[int, Field(ge=1)] = 25
+    validation_timesteps: Annotated[int, Field(ge=1)] = 4
+    early_stopping_patience: Annotated[int, Field(ge=0)] = 0
+    early_stopping_min_delta: Annotated[float, Field(ge=0)] = 0.0
+
+
+class EvaluateParams(_Section):
+    seed: int = 1234
+    val_timesteps: Annotated[int, Field(ge=1)] = 10
+    prompts: list[str] = Field(default_factory=list, description="Fixed prompts, generated for every model.")
+    images_per_prompt: Annotated[int, Field(ge=1)] = 2
+    num_inference_steps: Annotated[int, Field(ge=1)] = 10
+    guidance_scale: Annotated[float, Field(ge=1)] = 5.0
+
+
+class RegistryParams(_Section):
+    model_name: Annotated[str, Field(min_length=1)] = "sdft"
+
+
+class Params(_Section):
+    base: BaseModelParams
+    data: DataParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    gate: GatePolicy
+    registry: RegistryParams
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Params:
+        if self.data.layout == "manifest" and not self.data.manifest:
+            raise ValueError("data.layout is 'manifest' but data.manifest is not set")
+        return self
+
+
+def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
+    """Line (1-based) of the YAML node at `loc`, or of its closest existing parent."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == key), None)
+            if match is None:
+                break
+            line, node = match[0].start_mark.line + 1, match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _describe(error: dict[str, Any], path: Path, text: str) -> str:
+    loc = tuple(part for part in error["loc"] if part not in ("function-after",))
+    key = ".".join(str(part) for part in loc) or "(top level)"
+    line = _line_of(text, loc)
+    where = f"{path}:{line}" if line else str(path)
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown key '{key}'. Remove it, or check its spelling against the documented keys."
+    if error["type"] == "missing":
+        return f"{where}: missing key '{key}'. Add it (see README, 'params.yaml')."
+    return f"{where}: '{key}': {error['msg']} (got {error.get('input')!r})."
+
+
+def parse_params(text: str, path: Path) -> Params:
+    """Validate YAML text; raise `ParamsError` with every problem listed."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections (base, data, train, ...), got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(err, path, text) for err in exc.errors()]
+        raise ParamsError("invalid parameters:\n  " + "\n  ".join(lines)) from None
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri
+
+
+def check_paths(params: Params, path: Path, root: Path) -> None:
+    """Fail early, naming the key, when a local path in `params` does not exist."""
+    text = path.read_text()
+    problems = []
+    source = params.data.source
+    if not is_remote(source) and not (root / source).is_dir():
+        line = _line_of(text, ("data", "source"))
+        problems.append(
+            f"{path}:{line}: 'data.source' is {source!r}, which is not a folder under {root}. "
+            "Point it at your image-caption folder (run `sdft init` for the embedded demo data)."
+        )
+    if params.data.manifest and not (root / params.data.manifest).is_file():
+        line = _line_of(text, ("data", "manifest"))
+        problems.append(f"{path}:{line}: 'data.manifest' is {params.data.manifest!r}, which is not a file.")
+    model = params.base.model
+    if not (root / model).is_dir() and not _cached_on_hub(model, params.base.revision):
+        line = _line_of(text, ("base", "model"))
+        problems.append(
+            f"{path}:{line}: 'base.model' is {model!r}: no such local folder"
+            + (" and not in the Hugging Face cache" if HUB_ID.match(model) else "")
+            + ". Run `sdft init` to build the tiny default model, point it at a local diffusers folder, or set "
+            "HF_HUB_OFFLINE=0 to download a hub model."
+        )
+    if problems:
+        raise ParamsError("invalid parameters:\n  " + "\n  ".join(problems))
+
+
+def _cached_on_hub(model: str, revision: str | None) -> bool:
+    if not HUB_ID.match(model):
+        return False
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True"):
+        return True  # online: from_pretrained will download it
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(model, "model_index.json", revision=revision), str)
+
+
+def resolve_model(params: Params, root: Path) -> str:
+    """`base.model` as from_pretrained wants it: an absolute folder when local, else the hub id."""
+    local = root / params.base.model
+    return str(local.resolve()) if local.is_dir() else params.base.model
+
+
+def load_params(path: str | Path = "params.yaml", *, paths: bool = True) -> Params:
+    """Read and validate `params.yaml`; with `paths`, also check the local paths it names exist."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: no such file. Run sdft from the project folder, or pass --params.")
+    params = parse_params(path.read_text(), path)
+    if paths:
+        check_paths(params, path, path.resolve().parent)
+    return params

@@ -1,0 +1,53 @@
+"""The one place that decides where things live and how the stack behaves offline.
+
+Every entry point (stage CLIs, the `sdft` command, the Prefect flow, the tests) calls `configure()` first, so no
+library phones home and every tool agrees on the tracking store.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Switches that keep the whole stack quiet and offline. `setdefault`: a user who wants the hub (to download real
+# SD weights on their own machine) exports HF_HUB_OFFLINE=0 and it wins.
+OFFLINE_DEFAULTS = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DIFFUSERS_NO_ADVISORY_WARNINGS": "1",
+    "DO_NOT_TRACK": "1",
+    "DVC_NO_ANALYTICS": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_UI_ENABLED": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "GIT_PYTHON_REFRESH": "quiet",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+EXPERIMENT_NAME = "sdft"
+
+
+def project_root() -> Path:
+    """The folder that holds `params.yaml` and `dvc.yaml`: `SDFT_ROOT`, else the current directory."""
+    return Path(os.environ.get("SDFT_ROOT", os.getcwd())).resolve()
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    """`MLFLOW_TRACKING_URI` when set, else a SQLite store under `mlflow/` (kept apart from Prefect's database)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{(root or project_root()) / 'mlflow' / 'mlflow.db'}"
+
+
+def artifact_root(root: Path | None = None) -> str:
+    """Where a local store keeps artifacts; without it MLflow writes `./mlruns` wherever it happens to run."""
+    return ((root or project_root()) / "mlflow" / "artifacts").as_uri()
+
+
+def configure() -> None:
+    """Apply the offline switches and point MLflow at the project's store (idempotent)."""
+    for key, value in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri())
