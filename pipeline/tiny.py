@@ -1,0 +1,141 @@
+"""The embedded default base model: a tiny, SD-shaped pipeline built from config, with a real CLIP tokenizer.
+
+No weights can be downloaded here, so the default `base.model` is this model saved in the standard diffusers layout
+(`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`). Everything downstream loads it with
+`from_pretrained`, exactly as it would load `stable-diffusion-v1-5/stable-diffusion-v1-5`. Its weights are random
+(seeded): it checks the plumbing, it does not draw anything meaningful.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.metadata
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+BPE_FILE = "open_clip/bpe_simple_vocab_16e6.txt.gz"
+# CLIP's vocabulary is 49,408 tokens: 256 bytes, the same with </w>, 48,894 merges, and the two specials
+# (256 * 2 + 48,894 + 2 = 49,408), so the merges are lines 1..48,894 of the file after its header.
+N_MERGES = 49152 - 256 - 2
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable-unicode table (printable bytes map to themselves)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes, shifted = printable[:], 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + shifted)
+            shifted += 1
+    return dict(zip(printable, map(chr, codes), strict=True))
+
+
+def _bpe_path() -> Path:
+    try:
+        files = importlib.metadata.files("open_clip_torch") or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for file in files:
+        if file.as_posix() == BPE_FILE:
+            return Path(file.locate())
+    raise FileNotFoundError(
+        f"CLIP's BPE merges file ({BPE_FILE}) was not found: it ships in the open_clip_torch wheel. "
+        "Install it without its dependencies: `pip install --no-deps open_clip_torch` (make install does this)."
+    )
+
+
+def write_clip_tokenizer(folder: Path) -> Path:
+    """Write CLIP's real tokenizer (vocab.json + merges.txt) to `folder`, offline, and return the folder."""
+    from transformers import CLIPTokenizer
+
+    with gzip.open(_bpe_path(), "rt", encoding="utf-8") as handle:
+        merges = handle.read().split("\n")[1 : N_MERGES + 1]
+    base = list(_bytes_to_unicode().values())
+    vocab = base + [token + "</w>" for token in base] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        tokenizer = CLIPTokenizer(
+            str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77
+        )
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_sd(folder: Path, seed: int = 0) -> Path:
+    """Build the tiny SD 1.x-shaped pipeline deterministically and save it in the diffusers layout."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    torch.manual_seed(seed + 1)
+    # Four blocks: three 2x downsamples, the same 8x factor as SD's VAE, so 64 px images give 8x8 latents.
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=64,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            hidden_act="quick_gelu",
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    # SD 1.5's own scheduler configuration.
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "tokenizer"))
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    # Write to a sibling folder and rename, so an interrupted build never leaves a half-written model behind.
+    partial = folder.with_name(folder.name + ".partial")
+    pipe.save_pretrained(partial, safe_serialization=True)
+    partial.rename(folder)
+    return folder
