@@ -1,0 +1,43 @@
+"""Live logging from inside a stage to the MLflow run that the flow opened.
+
+The flow opens one MLflow run per retrain and passes its id to the DVC stages in `MLFLOW_RUN_ID`. A stage run by hand
+(`dvc repro`) has no run id and logs nothing: its numbers still land in `reports/`, which the flow logs afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+
+class LiveLog:
+    """Batches metrics to the run in `MLFLOW_RUN_ID`; a no-op when there is none."""
+
+    def __init__(self, flush_every: int = 20) -> None:
+        self.run_id = os.environ.get("MLFLOW_RUN_ID") or None
+        self.flush_every = flush_every
+        self._pending: list[Any] = []
+        self._client = None
+        if self.run_id:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient()
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        if not self._client:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._pending += [Metric(k, float(v), now, step) for k, v in values.items() if math.isfinite(float(v))]
+        if len(self._pending) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._client and self._pending:
+            # MLflow accepts at most 1,000 metrics per batch.
+            for start in range(0, len(self._pending), 1000):
+                self._client.log_batch(self.run_id, metrics=self._pending[start : start + 1000])
+            self._pending = []
