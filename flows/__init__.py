@@ -1,0 +1,1 @@
+"""Prefect flows and the `sdft` command: the top layer, which calls the `pipeline` stages."""
