@@ -46,16 +46,21 @@ def ui_command(root: Path) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.config import ParamsError
+    from pipeline.config import ParamsError, load_params
 
     root = Path(args.project).resolve()
+    try:
+        load_params(root / "params.yaml")  # fail in a second, before a Prefect server or any stage starts
+    except ParamsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     from flows.retrain import retrain
 
     try:
         result = retrain(project=str(root), dry_run=args.dry_run)
-    except ParamsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:  # the flow has logged the traceback; the registry was not touched
+        print(f"error: the retrain failed, nothing was promoted: {exc}", file=sys.stderr)
+        return 1
     print()
     print(result.gate_report)
     if result.promoted:

@@ -1,0 +1,102 @@
+"""params.yaml validation: every problem is named with its file, key and line, before any work starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ParamsError, load_params, parse_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def repo_params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def write(tmp_path: Path, params: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def test_repository_params_are_valid() -> None:
+    params = load_params(REPO / "params.yaml", paths=False)
+    assert params.base.model == "models/tiny-sd"
+    assert params.train.max_steps > 0
+    assert params.gate.primary[0].metric == "val_loss"
+
+
+def test_unknown_key_names_file_key_and_line(tmp_path: Path) -> None:
+    text = (REPO / "params.yaml").read_text().replace("  learning_rate:", "  lerning_rate:")
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    line = next(i for i, row in enumerate(text.splitlines(), 1) if "lerning_rate" in row)
+    with pytest.raises(ParamsError) as exc:
+        load_params(path, paths=False)
+    assert f"{path}:{line}: unknown key 'train.lerning_rate'" in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        ("train", "max_steps", "many", "'train.max_steps'"),
+        ("train", "max_steps", -1, "greater than or equal to 0"),
+        ("data", "resolution", 60, "multiple of 8"),
+        ("data", "on_invalid", "ignore", "'data.on_invalid'"),
+        ("train", "mixed_precision", "fp8", "'train.mixed_precision'"),
+    ],
+)
+def test_wrong_values_are_errors(tmp_path: Path, section: str, key: str, value: object, expected: str) -> None:
+    params = repo_params()
+    params[section][key] = value
+    with pytest.raises(ParamsError) as exc:
+        load_params(write(tmp_path, params), paths=False)
+    assert expected in str(exc.value)
+    assert str(tmp_path / "params.yaml") in str(exc.value)
+
+
+def test_missing_section_is_named(tmp_path: Path) -> None:
+    params = repo_params()
+    del params["registry"]
+    with pytest.raises(ParamsError, match="missing key 'registry'"):
+        load_params(write(tmp_path, params), paths=False)
+
+
+def test_missing_paths_are_named_with_the_fix(tmp_path: Path) -> None:
+    params = repo_params()
+    params["data"]["source"] = "no/such/folder"
+    params["base"]["model"] = "models/not-built"
+    with pytest.raises(ParamsError) as exc:
+        load_params(write(tmp_path, params))
+    message = str(exc.value)
+    assert "'data.source' is 'no/such/folder'" in message
+    assert "'base.model' is 'models/not-built'" in message
+    assert "sdft init" in message
+
+
+def test_local_paths_that_exist_pass(tmp_path: Path) -> None:
+    (tmp_path / "data" / "demo").mkdir(parents=True)
+    (tmp_path / "models" / "tiny-sd").mkdir(parents=True)
+    params = load_params(write(tmp_path, repo_params()))
+    assert params.data.source == "data/demo"
+
+
+def test_manifest_layout_requires_a_manifest() -> None:
+    params = repo_params()
+    params["data"]["layout"] = "manifest"
+    with pytest.raises(ParamsError, match="data.manifest is not set"):
+        parse_params(yaml.safe_dump(params), Path("params.yaml"))
+
+
+def test_not_a_mapping() -> None:
+    with pytest.raises(ParamsError, match="expected a mapping"):
+        parse_params("- just\n- a list\n", Path("params.yaml"))
+
+
+def test_params_are_frozen() -> None:
+    params = load_params(REPO / "params.yaml", paths=False)
+    with pytest.raises(ValueError):
+        params.train.max_steps = 3  # type: ignore[misc]
