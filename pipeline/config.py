@@ -35,9 +35,35 @@ class BaseModelParams(_Section):
 
 
 class DataParams(_Section):
+    class Bucketing(_Section):
+        """Aspect-ratio buckets instead of square crops (as kohya-ss/sd-scripts); train batches by bucket."""
+
+        enabled: bool = False
+        target_area: Annotated[int, Field(ge=64)] = 512 * 512
+        step: Annotated[int, Field(ge=8)] = 64
+        min_side: Annotated[int, Field(ge=8)] = 256
+        max_side: Annotated[int, Field(ge=8)] = 1024
+        max_ratio: Annotated[float, Field(ge=1)] = 2.0
+
+        @model_validator(mode="after")
+        def _has_buckets(self) -> DataParams.Bucketing:
+            if self.step % 8:
+                raise ValueError(f"step must be a multiple of 8 (the VAE downsamples by 8), got {self.step}")
+            if self.enabled:
+                self.sizes()  # the same rules prepare applies; its ValueError says what to change
+            return self
+
+        def sizes(self) -> list[tuple[int, int]]:
+            """The (width, height) buckets these settings give."""
+            from pipeline.ingest import bucket_sizes  # lazy: params without bucketing need no image libraries
+
+            return bucket_sizes(self.target_area, self.step, self.min_side, self.max_side, self.max_ratio)
+
     source: str = Field(description="Raw image-caption folder (imagefolder, kohya sidecars, or a manifest).")
     layout: Literal["auto", "imagefolder", "kohya", "manifest"] = "auto"
-    manifest: str | None = Field(None, description="CSV/JSONL of paths and captions, when layout is 'manifest'.")
+    manifest: str | None = Field(
+        None, description="CSV/JSONL of paths and captions, relative to data.source, when layout is 'manifest'."
+    )
     caption_column: str = "text"
     resolution: Annotated[int, Field(ge=8)] = 64
     crop: Literal["center", "random"] = "center"
@@ -48,6 +74,21 @@ class DataParams(_Section):
     max_pixels: Annotated[int, Field(ge=1)] = 40_000_000
     near_duplicate_distance: Annotated[int, Field(ge=0, le=64)] = 0
     alpha_background: tuple[int, int, int] = (255, 255, 255)
+    bucketing: Bucketing = Bucketing()
+    random_flip: bool = Field(
+        False, description="Training-time: mirror each image at random (train reads it; prepare does not)."
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _local_folder(cls, value: str) -> str:
+        if "://" in value:
+            raise ValueError(
+                "must be a local folder: a DVC stage cannot depend on a URI. Import it first with "
+                f"`dvc import-url {value} data/raw` (later `dvc update data/raw.dvc` fetches new files) "
+                "and set data.source: data/raw; see docs/data.md"
+            )
+        return value
 
     @field_validator("resolution")
     @classmethod
@@ -169,9 +210,9 @@ def check_paths(params: Params, path: Path, root: Path) -> None:
             f"{path}:{line}: 'data.source' is {source!r}, which is not a folder under {root}. "
             "Point it at your image-caption folder (run `sdft init` for the embedded demo data)."
         )
-    if params.data.manifest and not (root / params.data.manifest).is_file():
+    if params.data.manifest and not (root / source / params.data.manifest).is_file():  # relative to the source
         line = _line_of(text, ("data", "manifest"))
-        problems.append(f"{path}:{line}: 'data.manifest' is {params.data.manifest!r}, which is not a file.")
+        problems.append(f"{path}:{line}: 'data.manifest' is {params.data.manifest!r}, which is not a file in {source}.")
     model = params.base.model
     if not (root / model).is_dir() and not _cached_on_hub(model, params.base.revision):
         line = _line_of(text, ("base", "model"))
