@@ -1,0 +1,161 @@
+"""How DVC runs the prepare stage: real git and DVC in tmp_path, with the repository's own prepare stage.
+
+The project copied into tmp_path holds the `pipeline` package, `params.yaml` with test-sized data settings and a
+`dvc.yaml` with only the `prepare` stage (and its plots), taken from the repository's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from pipeline.config import DataParams
+from pipeline.prepare import clip_token_counter
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(".sdft/prepare-cache")  # as the stage's cmd passes it
+TRAINING_TIME_KEYS = {"random_flip"}  # data keys that train reads and prepare does not
+
+
+def repo_dvc() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())
+
+
+def test_prepare_stage_lists_every_data_key_it_reads():
+    """Listing keys one by one keeps train-only keys from rerunning prepare; this catches a key left out."""
+    listed = {key.removeprefix("data.") for key in repo_dvc()["stages"]["prepare"]["params"]}
+    assert listed == set(DataParams.model_fields) - TRAINING_TIME_KEYS
+
+
+def add_images(folder: Path, start: int, n: int) -> None:
+    """Noise images i.png with captions appended to folder/metadata.jsonl."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "metadata.jsonl", "a") as rows:
+        for i in range(start, start + n):
+            pixels = np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+            rows.write(json.dumps({"file_name": f"{i}.png", "text": f"picture number {i}"}) + "\n")
+
+
+def env() -> dict[str, str]:
+    return os.environ | {
+        "DVC_NO_ANALYTICS": "1",
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        # `python` in the stage's cmd is this interpreter, as in the project's virtual environment.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+
+def run(project: Path, *command: str) -> str:
+    done = subprocess.run(command, cwd=project, env=env(), capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def dvc(project: Path, *args: str) -> str:
+    return run(project, str(Path(sys.executable).parent / "dvc"), *args)
+
+
+def set_param(project: Path, dotted: str, value) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    *parents, leaf = dotted.split(".")
+    node = params
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """CLIP's tokenizer as the stage caches it, built once per session (shared with test_prepare)."""
+    cache = tmp_path_factory.getbasetemp() / "clip-cache"
+    if not (cache / "clip-tokenizer" / "tokenizer.json").is_file():
+        clip_token_counter(cache)
+    return cache / "clip-tokenizer"
+
+
+@pytest.fixture
+def project(tmp_path: Path, tokenizer: Path) -> Path:
+    """A git + DVC repository with the pipeline code, the repo's prepare stage and 6 images in data/raw."""
+    root = tmp_path / "project"
+    shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    stages = repo_dvc()
+    plots = [p for p in stages["plots"] if str(next(iter(p)) if isinstance(p, dict) else p).startswith("reports/data")]
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"prepare": stages["stages"]["prepare"]}, "plots": plots}))
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    for key, value in {"source": "data/raw", "resolution": 32, "min_size": 16, "val_fraction": 0.5}.items():
+        set_param(root, f"data.{key}", value)
+    add_images(root / "data" / "raw", 0, 6)
+    # The tokenizer is built once per session; the stage would otherwise build it in each new project (5 s).
+    shutil.copytree(tokenizer, root / CACHE / "clip-tokenizer")
+    (root / ".gitignore").write_text("/data/prepared\n/reports/\n/.sdft/\n__pycache__/\n")
+    git = ("git", "-c", "user.email=test@sdft", "-c", "user.name=test")
+    run(root, "git", "init", "-q")
+    dvc(root, "init", "-q")
+    run(root, *git, "add", "-A")
+    run(root, *git, "commit", "-qm", "project")
+    return root
+
+
+def report(project: Path) -> dict:
+    return json.loads((project / "reports" / "data_validation.json").read_text())
+
+
+def test_repro_runs_prepare_once_and_again_only_when_the_data_changes(project):
+    out = dvc(project, "repro")
+    assert "Running stage 'prepare'" in out
+    assert report(project)["work"]["images_decoded"] == 6
+    assert len(list((project / "data" / "prepared").rglob("*.png"))) == 6
+    assert (project / "reports" / "data" / "contact_sheet.png").is_file()
+
+    out = dvc(project, "repro")
+    assert "Running stage" not in out and "up to date" in out
+
+    set_param(project, "train.max_steps", 7)  # another stage's knob
+    set_param(project, "data.random_flip", True)  # read by train, not by prepare
+    out = dvc(project, "repro")
+    assert "Running stage" not in out
+
+    add_images(project / "data" / "raw", 6, 1)
+    out = dvc(project, "repro")
+    assert "Running stage 'prepare'" in out
+    # Only the new image was decoded; DVC still versions the whole output.
+    assert report(project)["work"] == {"files_hashed": 1, "images_decoded": 1, "cache_reused": 6}
+    assert len(list((project / "data" / "prepared").rglob("*.png"))) == 7
+    assert "up to date" in dvc(project, "status")
+
+    set_param(project, "data.resolution", 24)  # a data knob reruns it
+    assert "Running stage 'prepare'" in dvc(project, "repro")
+
+
+def test_a_remote_folder_imported_with_dvc_is_a_source_and_dvc_update_brings_new_files(project, tmp_path):
+    # A local folder stands in for s3://bucket/images: `dvc import-url` treats both the same way.
+    remote = tmp_path / "bucket" / "images"
+    add_images(remote, 100, 4)
+    run(project, "git", "rm", "-rq", "--cached", "data/raw")  # DVC, not git, tracks an imported folder
+    shutil.rmtree(project / "data" / "raw")
+    dvc(project, "import-url", str(remote), "data/raw")
+    assert report_after_repro(project)["source_uri"] == str(remote)
+    assert report(project)["counts"]["accepted"] == 4
+
+    add_images(remote, 104, 2)
+    assert "Running stage" not in dvc(project, "repro")  # nothing new until the import is updated
+    dvc(project, "update", "data/raw.dvc")
+    assert report_after_repro(project)["counts"]["accepted"] == 6
+    assert report(project)["work"]["images_decoded"] == 2
+
+
+def report_after_repro(project: Path) -> dict:
+    assert "Running stage 'prepare'" in dvc(project, "repro")
+    return report(project)
