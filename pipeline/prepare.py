@@ -149,7 +149,8 @@ def prepare_image(path: Path, key: str, job: Job, store: Path) -> dict[str, Any]
         # A random crop is seeded by the image's own hash: the same image always gets the same crop.
         resized = resize_and_crop(image, width, height, job.crop, random.Random(digest))
         buffer = io.BytesIO()
-        resized.save(buffer, format="PNG")
+        # zlib level 1: about 15% larger than the default 6 on photographs, and 3 to 6 times faster to write.
+        resized.save(buffer, format="PNG", compress_level=1)
         png = buffer.getvalue()
         _write_atomic(entry.with_suffix(".png"), png)
         record = {
@@ -257,6 +258,9 @@ class PreparedItem:
             "source": self.source,
             "width": self.width,
             "height": self.height,
+            # SDXL conditions on the source size (Podell et al. 2023, "micro-conditioning").
+            "original_width": self.original_size[0],
+            "original_height": self.original_size[1],
         }
 
 
@@ -444,9 +448,11 @@ def dvc_import_url(source: Path) -> str | None:
 def dataset_for_mlflow(report: dict[str, Any]) -> tuple[str, str, str, dict[str, Any]]:
     """(name, digest, source, profile) of the prepared data, as `mlflow.data` datasets take them.
 
-    name: the source folder's name, so versions of one dataset share it. digest: the prepared digest cut to 32 hex
-    digits (MLflow's tracking store keeps at most 36 characters). source: the URL the data was imported from when
-    it is a DVC import, else the source folder. profile: counts and the source digest, all JSON values.
+    name: the source folder's name, so versions of one dataset share it. digest: the prepared digest cut to 10 hex
+    digits, the length MLflow recommends (its store keeps at most 36 characters; the full digests are in the
+    profile). source: the URL the data was imported from when it is a DVC import, else the source folder.
+    profile: counts and both digests, all JSON values. MLflow stores one dataset per (experiment, name, digest):
+    the first logged source and profile stay.
     """
     identity = report["identity"]
     name = Path(report["source"]).name or "data"
@@ -458,7 +464,7 @@ def dataset_for_mlflow(report: dict[str, Any]) -> tuple[str, str, str, dict[str,
     }
     if "buckets" in report:
         profile["buckets"] = report["buckets"]
-    return name, identity["prepared_digest"][:32], report.get("source_uri") or report["source"], profile
+    return name, identity["prepared_digest"][:10], report.get("source_uri") or report["source"], profile
 
 
 # ---------------------------------------------------------------------------------------------------------------

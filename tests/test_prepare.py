@@ -217,9 +217,14 @@ def test_cli_skip_policy_writes_the_good_items_and_reports_every_rejection(tmp_p
     prepared = read_prepared(tmp_path / "prepared")
     rows = prepared["train"] + prepared["validation"]
     assert len(rows) == 13 and {r["source"] for r in rows} >= {"cmyk.jpg", "long.png"}
+    rotated = next(r for r in rows if r["source"] == "rotated.jpg")
+    assert (rotated["original_width"], rotated["original_height"]) == (32, 64)  # as displayed, EXIF applied
     for split, split_rows in prepared.items():
         for row in split_rows:
-            assert set(row) == {"file_name", "text", "sha256", "source", "width", "height"}
+            assert set(row) == {"file_name", "text", "sha256", "source", "width", "height"} | {
+                "original_width",
+                "original_height",
+            }
             with Image.open(tmp_path / "prepared" / split / row["file_name"]) as image:
                 assert image.size == (32, 32) == (row["width"], row["height"]) and image.mode == "RGB"
     assert report["identity"]["items"] == 13
@@ -404,7 +409,7 @@ def test_report_identity_and_the_mlflow_dataset_fields(tmp_path, cache):
     assert len(identity["source_digest"]) == len(identity["prepared_digest"]) == 64
 
     name, digest, uri, profile = dataset_for_mlflow(report)
-    assert (name, digest, uri) == ("shapes", identity["prepared_digest"][:32], str(source))
+    assert (name, digest, uri) == ("shapes", identity["prepared_digest"][:10], str(source))
     assert profile["source_digest"] == identity["source_digest"] and profile["accepted"] == 8
     assert json.loads(json.dumps(profile)) == profile
 
