@@ -126,6 +126,39 @@ class EvaluateParams(_Section):
     images_per_prompt: Annotated[int, Field(ge=1)] = 2
     num_inference_steps: Annotated[int, Field(ge=1)] = 10
     guidance_scale: Annotated[float, Field(ge=1)] = 5.0
+    batch_size: Annotated[int, Field(ge=1)] = Field(8, description="Images generated per pipeline call.")
+    clip_model: Annotated[str, Field(min_length=1)] = Field(
+        "tiny", description="'tiny' (random, plumbing only), a hub id or a local CLIP folder."
+    )
+    image_features: Annotated[str, Field(min_length=1)] = Field(
+        "tiny",
+        description="'tiny' (random, plumbing only), 'inception', 'dinov2', a local transformers vision-model "
+        "folder, or a local Inception weights file (.pth).",
+    )
+    fid_min_n: Annotated[int, Field(ge=2)] = Field(
+        2048, description="Below this many real or generated images FID is flagged untrusted_small_n."
+    )
+    precision_recall_k: Annotated[int, Field(ge=1)] = 3
+    density_coverage_k: Annotated[int, Field(ge=1)] = 5
+    memorisation_worst: Annotated[int, Field(ge=1)] = Field(
+        5, description="Generated images with the most similar training image, listed per model."
+    )
+    general_prompts: list[str] = Field(
+        default_factory=list, description="Prompts unrelated to the training data, for forgetting_clip_score."
+    )
+    label_vocabulary: list[str] = Field(
+        default_factory=list, description="Class words for zero-shot prompt-adherence accuracy (empty: skipped)."
+    )
+    label_template: str = "a photo of a {label}"
+    bootstrap_resamples: Annotated[int, Field(ge=100)] = 2000
+    confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
+
+    @field_validator("label_template")
+    @classmethod
+    def _has_label(cls, value: str) -> str:
+        if "{label}" not in value:
+            raise ValueError(f"must contain '{{label}}' where the class word goes, got {value!r}")
+        return value
 
 
 class RegistryParams(_Section):
