@@ -200,6 +200,39 @@ def test_cli_fail_policy_stops_names_the_first_bad_files_and_writes_nothing(tmp_
     assert report["on_invalid"] == "fail"
 
 
+def test_cli_fail_policy_leaves_the_previous_prepared_data_as_it_was(tmp_path, cache):
+    source = tmp_path / "raw"
+    rows = good_images(source, 8)
+    write_jsonl(source / "metadata.jsonl", rows)
+    assert run_cli(tmp_path, source, cache, on_invalid="fail") == 0
+    before = {p: p.read_bytes() for p in (tmp_path / "prepared").rglob("*") if p.is_file()}
+
+    (source / "zero.png").write_bytes(b"")
+    write_jsonl(source / "metadata.jsonl", [*rows, *good_images(source, 2, start=8), {"file_name": "zero.png"}])
+    assert run_cli(tmp_path, source, cache, on_invalid="fail") == 1
+
+    assert {p: p.read_bytes() for p in (tmp_path / "prepared").rglob("*") if p.is_file()} == before
+
+
+def test_near_duplicates_are_found_also_from_the_cache(tmp_path):
+    source = tmp_path / "raw"
+    small = np.random.default_rng(0).integers(0, 256, (6, 9, 3), dtype=np.uint8)
+    scene = Image.fromarray(small).resize((96, 64), Image.Resampling.BICUBIC)  # smooth, as pHash needs
+    save(scene, source / "a.png")
+    save(scene.resize((90, 60), Image.Resampling.LANCZOS), source / "b.jpg", quality=70)
+    rows = [{"file_name": "a.png", "text": "a"}, {"file_name": "b.jpg", "text": "b"}]
+    write_jsonl(source / "metadata.jsonl", [*rows, *good_images(source, 4)])
+    params = data_params(near_duplicate_distance=6)
+
+    for run in ("cold", "cached"):
+        result = prepare(source, params, tmp_path / "cache", toy_count)
+        assert result.work["images_decoded"] == (6 if run == "cold" else 0)
+        assert [(r.path, r.reason.split(" (")[0], r.detail) for r in result.rejected] == [
+            ("b.jpg", "near duplicate", "same picture as a.png")
+        ]
+        assert result.counts()["near_duplicates"] == 1
+
+
 def test_cli_skip_policy_writes_the_good_items_and_reports_every_rejection(tmp_path, cache, capsys):
     source = mixed_source(tmp_path / "raw")
 
