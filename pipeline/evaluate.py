@@ -1,12 +1,27 @@
 """Stage `evaluate`: measure the candidate adapter and the untuned base model on identical inputs.
 
 Both models see the same held-out images with the same fixed noise and timesteps (validation loss), and generate
-from the same prompts with the same per-image seeds (CPU generators), scheduler and step count (CLIP score, KID).
-Per-sample values are kept so the gate can compute paired confidence intervals.
+from the same prompts with the same per-image seeds (CPU generators), scheduler and step count. Per-sample values are
+kept wherever a metric has them, so the gate and the report can compute paired confidence intervals.
 
-Core: `evaluate_model(pipe, eval_set, ...) -> ModelEval`.
+Metrics per model (functions and citations in `pipeline.metrics`):
+- `val_loss`: fixed-noise denoising loss per held-out image;
+- `clip_score`: CLIP text-image agreement per generated image; `forgetting_clip_score`: the same on
+  `evaluate.general_prompts`, unrelated to the training data (candidate below base: the model forgot);
+- `adherence_*`: zero-shot CLIP classification of each generated image over `evaluate.label_vocabulary`;
+- `fid`, `kid`, `precision`/`recall`/`f1`, `density`/`coverage`: generated vs held-out real image features;
+- `mifid`, `memorisation_similarity`: generated vs training image features.
+Cost (images, seconds, images/s, seconds per metric) goes to `evaluation.cost`.
+
+Speed: images are generated `evaluate.batch_size` at a time. Fewer scheduler steps (`num_inference_steps`) keep the
+comparison fair, since both models use the same scheduler, steps and seeds (paired), but absolute FID/KID values then
+differ from published ones; SD 1.x with its default PNDM scheduler is close to converged at 25-30 steps, and 10 is
+enough to catch a broken adapter.
+
+Core: `evaluate_model(name, pipe, eval_set, reference, extractors) -> ModelEval`.
 CLI: `python -m pipeline.evaluate --params params.yaml --prepared data/prepared --adapter models/adapter
---out reports/eval --metrics reports/metrics.json` (also `--name champion --no-base` to measure a registered adapter).
+--out reports/eval --metrics reports/metrics.json [--train-curve reports/train/curve.csv]` (also `--name champion
+--no-base --base-model B` to measure a registered adapter).
 """
 
 from __future__ import annotations
@@ -17,6 +32,8 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,12 +42,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from pipeline import env
+from pipeline import env, metrics
 from pipeline.config import EvaluateParams, ParamsError, load_params, resolve_model
 from pipeline.diffusion import Split, encode_images, encode_text, fixed_validation_loss, read_split
-from pipeline.features import PLUMBING_ONLY, TinyImageFeatures, tiny_clip
-
-GENERATION_BATCH = 8
+from pipeline.features import PLUMBING_ONLY, MissingWeightsError, build_clip, build_image_features, extract
+from pipeline.stats import paired_bootstrap
 
 
 @dataclass
@@ -38,30 +54,128 @@ class EvalSet:
     """Everything that must be identical for two models to be comparable."""
 
     validation: Split
+    train: Split
     prompts: list[str]  # one entry per generated image
     seeds: list[int]
+    general_prompts: list[str]  # one entry per generated image, for forgetting
+    general_seeds: list[int]
     resolution: int
     params: EvaluateParams
 
     def digest(self) -> str:
-        """Hash of the held-out images, prompts, seeds and evaluation settings: equal digests, comparable results."""
+        """Hash of the held-out and training images, prompts, seeds and every evaluation setting (extractors, k,
+        prompt lists...): equal digests, comparable results."""
         payload = {
             "images": self.validation.hashes,
             "captions": self.validation.captions,
+            "train_images": self.train.hashes,
             "prompts": self.prompts,
             "seeds": self.seeds,
+            "general_prompts": self.general_prompts,
+            "general_seeds": self.general_seeds,
             "resolution": self.resolution,
             "params": self.params.model_dump(),
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def build_eval_set(validation: Split, params: EvaluateParams, resolution: int) -> EvalSet:
-    """Prompts: each distinct held-out caption, then the fixed `evaluate.prompts`; `images_per_prompt` seeds each."""
+def build_eval_set(validation: Split, params: EvaluateParams, resolution: int, train: Split | None = None) -> EvalSet:
+    """Prompts: each distinct held-out caption, then the fixed `evaluate.prompts`; `images_per_prompt` seeds each.
+    General prompts (forgetting) get `images_per_prompt` seeds each too, numbered after the others."""
     distinct = list(dict.fromkeys(validation.captions)) + list(params.prompts)
     prompts = [p for p in distinct for _ in range(params.images_per_prompt)]
     seeds = [params.seed + i for i in range(len(prompts))]
-    return EvalSet(validation, prompts, seeds, resolution, params)
+    general = [p for p in params.general_prompts for _ in range(params.images_per_prompt)]
+    general_seeds = [params.seed + len(prompts) + i for i in range(len(general))]
+    train = train if train is not None else Split([], [], [])
+    return EvalSet(validation, train, prompts, seeds, general, general_seeds, resolution, params)
+
+
+@dataclass
+class Extractors:
+    """Feature extractors, built once and shared by every model evaluated in a process."""
+
+    clip: tuple[Any, Any]  # (PooledCLIP, processor)
+    image_features: torch.nn.Module
+    plumbing_only: list[str]  # which of evaluate.clip_model / evaluate.image_features are the tiny random ones
+
+    @property
+    def description(self) -> str:
+        if not self.plumbing_only:
+            return "real pretrained extractors"
+        return f"{' and '.join(self.plumbing_only)}: {PLUMBING_ONLY}"
+
+
+def build_extractors(params: EvaluateParams, tokenizer: Any) -> Extractors:
+    """The extractors `evaluate.clip_model` and `evaluate.image_features` name (MissingWeightsError when absent)."""
+    clip, clip_tiny = build_clip(params.clip_model, tokenizer, seed=params.seed)
+    image_features, features_tiny = build_image_features(params.image_features, seed=params.seed)
+    tiny = [key for key, is_tiny in (("clip_model", clip_tiny), ("image_features", features_tiny)) if is_tiny]
+    return Extractors(clip, image_features, [f"evaluate.{key}=tiny" for key in tiny])
+
+
+@dataclass
+class Reference:
+    """What is computed once from real data and shared by every model: latents, embeddings, image features."""
+
+    val_latents: torch.Tensor
+    val_embeddings: torch.Tensor
+    real_features: torch.Tensor  # held-out images (N_val, D)
+    train_features: torch.Tensor  # training images (N_train, D), for memorisation
+    train_files: list[str]
+    seconds: float = 0.0
+
+
+def build_reference(pipe: Any, eval_set: EvalSet, extractors: Extractors, train_files: list[str]) -> Reference:
+    """Latents and text embeddings of the held-out set, and image features of the held-out and training images."""
+    start = time.perf_counter()
+    # The VAE and text encoder are frozen and shared, so held-out latents are the same for every model.
+    val_latents = encode_images(pipe.vae, eval_set.validation.images)
+    val_embeddings = encode_text(pipe.tokenizer, pipe.text_encoder, eval_set.validation.captions)
+    real = extract(extractors.image_features, uint8(eval_set.validation.images))
+    train = extract(extractors.image_features, uint8(eval_set.train.images)) if eval_set.train.images else None
+    return Reference(
+        val_latents,
+        val_embeddings,
+        real,
+        train if train is not None else torch.zeros(0, real.shape[1], dtype=torch.float64),
+        train_files,
+        time.perf_counter() - start,
+    )
+
+
+def split_files(folder: Path) -> list[str]:
+    """Image paths of a prepared split, in `metadata.jsonl` order (the order `read_split` loads them in)."""
+    metadata = folder / "metadata.jsonl"
+    if not metadata.is_file():
+        return []
+    rows = [json.loads(line) for line in metadata.read_text().splitlines() if line.strip()]
+    return [str(folder / row["file_name"]) for row in rows]
+
+
+def skipped_metrics(eval_set: EvalSet) -> dict[str, str]:
+    """{metric: why} for metrics this evaluation set is too small (or not configured) to compute."""
+    p, n_real, n_fake = eval_set.params, len(eval_set.validation.images), len(eval_set.prompts)
+    out = {}
+    if not p.precision_recall_k < min(n_real, n_fake):
+        why = f"precision_recall_k={p.precision_recall_k} needs more than k held-out and generated images"
+        out |= dict.fromkeys(("precision", "recall", "f1"), why)
+    if not p.density_coverage_k < n_real:
+        why = f"density_coverage_k={p.density_coverage_k} needs more than k held-out images (has {n_real})"
+        out |= dict.fromkeys(("density", "coverage"), why)
+    if len(eval_set.train.images) == 0:
+        out |= dict.fromkeys(("mifid", "memorisation_similarity", "memorisation_max"), "no training images")
+    elif min(len(eval_set.train.images), n_fake) < 2:
+        out["mifid"] = "needs at least 2 training and 2 generated images"
+    if not eval_set.general_prompts:
+        out["forgetting_clip_score"] = "evaluate.general_prompts is empty"
+    if not p.label_vocabulary:
+        out["adherence_accuracy"] = "evaluate.label_vocabulary is empty"
+    elif not any(metrics.label_of(q, p.label_vocabulary) for q in eval_set.prompts):
+        out["adherence_accuracy"] = "no prompt names exactly one word of evaluate.label_vocabulary"
+    if min(n_real, n_fake) < 2:
+        out |= dict.fromkeys(("fid", "kid"), "needs at least 2 held-out and 2 generated images")
+    return out
 
 
 @dataclass
@@ -70,88 +184,145 @@ class ModelEval:
     values: dict[str, float]
     samples: dict[str, list[float]]
     images: list[Image.Image] = field(repr=False)
+    general_images: list[Image.Image] = field(default_factory=list, repr=False)
+    per_image: dict[str, list[Any]] = field(default_factory=dict)  # extra per-generated-image columns for the CSV
+    memorised: list[dict[str, Any]] = field(default_factory=list)  # worst cases, most similar first
     seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per metric
 
 
-@dataclass
-class Extractors:
-    """Feature extractors, built once and shared by every model evaluated in a process."""
-
-    clip: Any
-    image_features: torch.nn.Module
-    description: str
-
-
-def tiny_extractors(tokenizer: Any, seed: int = 0) -> Extractors:
-    model, processor = tiny_clip(tokenizer, seed)
-    return Extractors(clip=(model, processor), image_features=TinyImageFeatures(seed), description=PLUMBING_ONLY)
-
-
-def _uint8(images: list[Image.Image]) -> torch.Tensor:
+def uint8(images: list[Image.Image]) -> torch.Tensor:
+    """PIL images -> uint8 tensor (N, 3, H, W), what torchmetrics' image metrics and the extractors take."""
+    if not images:
+        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
     return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2)
 
 
 @torch.no_grad()
-def generate(pipe: Any, eval_set: EvalSet) -> list[Image.Image]:
-    """One image per (prompt, seed), in batches; each image's noise comes from its own seeded CPU generator."""
+def generate(
+    pipe: Any, prompts: list[str], seeds: list[int], params: EvaluateParams, resolution: int
+) -> list[Image.Image]:
+    """One image per (prompt, seed), `evaluate.batch_size` at a time; each image's noise comes from its own seeded
+    CPU generator, so an image does not depend on the batch it falls in."""
     images: list[Image.Image] = []
-    for start in range(0, len(eval_set.prompts), GENERATION_BATCH):
-        prompts = eval_set.prompts[start : start + GENERATION_BATCH]
-        seeds = eval_set.seeds[start : start + GENERATION_BATCH]
+    for start in range(0, len(prompts), params.batch_size):
         images += pipe(
-            prompt=prompts,
-            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-            num_inference_steps=eval_set.params.num_inference_steps,
-            guidance_scale=eval_set.params.guidance_scale,
-            height=eval_set.resolution,
-            width=eval_set.resolution,
+            prompt=prompts[start : start + params.batch_size],
+            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds[start : start + params.batch_size]],
+            num_inference_steps=params.num_inference_steps,
+            guidance_scale=params.guidance_scale,
+            height=resolution,
+            width=resolution,
             output_type="pil",
         ).images
     return images
 
 
-def evaluate_model(
-    name: str,
-    pipe: Any,
-    eval_set: EvalSet,
-    val_latents: torch.Tensor,
-    val_embeddings: torch.Tensor,
-    extractors: Extractors,
-) -> ModelEval:
-    """Validation loss, CLIP score and KID for the model currently loaded in `pipe`."""
+class _Timer:
+    """`with timer("fid"): ...` adds the block's wall time to `timer.seconds["fid"]`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def evaluate_model(name: str, pipe: Any, eval_set: EvalSet, reference: Reference, extractors: Extractors) -> ModelEval:
+    """Every metric for the model currently loaded in `pipe`; per-sample values wherever a metric has them."""
     from diffusers import DDPMScheduler
-    from torchmetrics.image.kid import KernelInceptionDistance
-    from torchmetrics.multimodal.clip_score import CLIPScore
 
+    p, skipped, timer = eval_set.params, skipped_metrics(eval_set), _Timer()
+    values: dict[str, float] = {}
+    samples: dict[str, list[float]] = {}
+    per_image: dict[str, list[Any]] = {}
     start = time.perf_counter()
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    val_loss = fixed_validation_loss(
-        pipe.unet, noise_scheduler, val_latents, val_embeddings, eval_set.params.val_timesteps, eval_set.params.seed
-    )
-    images = generate(pipe, eval_set)
 
-    clip_metric = CLIPScore(model_name_or_path=lambda: extractors.clip)
-    clip_scores = []
-    for image, prompt in zip(_uint8(images), eval_set.prompts, strict=True):
-        clip_metric.update(image, prompt)
-        clip_scores.append(float(clip_metric.compute()))
-        clip_metric.reset()
+    with timer("val_loss"):
+        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        loss = fixed_validation_loss(
+            pipe.unet, noise_scheduler, reference.val_latents, reference.val_embeddings, p.val_timesteps, p.seed
+        )
+        samples["val_loss"] = loss.tolist()
 
-    # KID is unbiased at small N (FID is not); its subset size cannot exceed either set.
-    subset = min(len(eval_set.validation.images), len(images), 50)
-    kid = KernelInceptionDistance(feature=extractors.image_features, subset_size=subset, subsets=20)
-    kid.update(_uint8(eval_set.validation.images), real=True)
-    kid.update(_uint8(images), real=False)
-    kid_mean, kid_std = (float(v) for v in kid.compute())
+    with timer("generation"):
+        images = generate(pipe, eval_set.prompts, eval_set.seeds, p, eval_set.resolution)
+        general = generate(pipe, eval_set.general_prompts, eval_set.general_seeds, p, eval_set.resolution)
 
-    values = {
-        "val_loss": float(val_loss.mean()),
-        "clip_score": float(np.mean(clip_scores)),
-        "kid": kid_mean,
-        "kid_std": kid_std,
-    }
-    samples = {"val_loss": val_loss.tolist(), "clip_score": clip_scores}
-    return ModelEval(name, values, samples, images, seconds=time.perf_counter() - start)
+    clip, processor = extractors.clip
+    with timer("clip_score"):
+        image_emb = metrics.image_embeddings(clip, processor, uint8(images))
+        samples["clip_score"] = metrics.clip_scores(
+            image_emb, metrics.text_embeddings(clip, processor, eval_set.prompts)
+        )
+    if "forgetting_clip_score" not in skipped:
+        with timer("forgetting_clip_score"):
+            general_emb = metrics.image_embeddings(clip, processor, uint8(general))
+            general_text = metrics.text_embeddings(clip, processor, eval_set.general_prompts)
+            samples["forgetting_clip_score"] = metrics.clip_scores(general_emb, general_text)
+    if "adherence_accuracy" not in skipped:
+        with timer("adherence"):
+            vocabulary = p.label_vocabulary
+            label_emb = metrics.text_embeddings(clip, processor, [p.label_template.format(label=w) for w in vocabulary])
+            predicted = metrics.zero_shot_labels(image_emb, label_emb, vocabulary)
+            true = [metrics.label_of(q, vocabulary) for q in eval_set.prompts]
+            labelled = [i for i, t in enumerate(true) if t is not None]
+            report = metrics.classification_report(
+                [true[i] for i in labelled], [predicted[i] for i in labelled], vocabulary
+            )
+            values |= {f"adherence_{k}": v for k, v in report.items()}
+            samples["adherence_accuracy"] = [float(true[i] == predicted[i]) for i in labelled]
+            per_image["predicted_label"] = predicted
+
+    with timer("image_features"):
+        fake = extract(extractors.image_features, uint8(images))
+    if "fid" not in skipped:
+        with timer("fid"):
+            values["fid"] = metrics.fid(reference.real_features, fake)
+        with timer("kid"):
+            values["kid"], values["kid_std"] = metrics.kid(reference.real_features, fake, seed=p.seed)
+    with timer("precision_recall_density_coverage"):
+        if "precision" not in skipped:
+            samples |= metrics.precision_recall(reference.real_features, fake, p.precision_recall_k)
+            prec, rec = np.mean(samples["precision"]), np.mean(samples["recall"])
+            values["f1"] = float(0.0 if prec + rec == 0 else 2 * prec * rec / (prec + rec))
+        if "density" not in skipped:
+            samples |= metrics.density_coverage(reference.real_features, fake, p.density_coverage_k)
+    memorised: list[dict[str, Any]] = []
+    if "memorisation_similarity" not in skipped:
+        with timer("memorisation"):
+            similarity, nearest = metrics.memorisation(fake, reference.train_features)
+            samples["memorisation_similarity"] = similarity
+            values["memorisation_max"] = float(similarity.max())
+            per_image["nearest_train"] = [reference.train_files[j] for j in nearest]
+            worst = np.argsort(-similarity, kind="stable")[: p.memorisation_worst]
+            memorised = [
+                {
+                    "generated": f"images/{name}/{i:03d}.png",
+                    "prompt": eval_set.prompts[i],
+                    "nearest_train": reference.train_files[nearest[i]],
+                    "nearest_index": int(nearest[i]),
+                    "similarity": round(float(similarity[i]), 6),
+                }
+                for i in worst
+            ]
+        if "mifid" not in skipped:
+            with timer("mifid"):
+                values["mifid"] = metrics.mifid(reference.train_features, fake)
+
+    samples = {k: [float(x) for x in v] for k, v in samples.items()}
+    # Every metric with per-sample values is reported as their mean, so the gate's interval is about that number.
+    values = {k: float(np.mean(v)) for k, v in samples.items()} | values
+    seconds = time.perf_counter() - start
+    return ModelEval(name, values, samples, images, general, per_image, memorised, seconds, timer.seconds)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------------------------
 
 
 def contact_grid(columns: dict[str, list[Image.Image]], prompts: list[str], per_prompt: int) -> Image.Image:
@@ -171,32 +342,106 @@ def contact_grid(columns: dict[str, list[Image.Image]], prompts: list[str], per_
     return grid
 
 
-def write_outputs(results: list[ModelEval], eval_set: EvalSet, extractors: Extractors, out: Path) -> dict[str, Any]:
-    """Images, per-sample values, per-prompt CSV and a side-by-side grid under `out`; returns the summary."""
+def intervals(results: list[ModelEval], params: EvaluateParams) -> dict[str, dict[str, Any]]:
+    """Paired bootstrap interval of (last model - first model) for every metric both have per-sample values of."""
+    if len(results) < 2:
+        return {}
+    baseline, candidate = results[0], results[-1]
+    out = {}
+    for metric, values in candidate.samples.items():
+        other = baseline.samples.get(metric)
+        if other is None or len(other) != len(values) or len(values) < 2:
+            continue
+        interval = paired_bootstrap(values, other, params.bootstrap_resamples, params.confidence, seed=params.seed)
+        out[metric] = interval.to_dict()
+    return out
+
+
+def cost(results: list[ModelEval], reference: Reference, total_seconds: float) -> dict[str, Any]:
+    """Images generated, wall time, images/s and seconds per metric, per model and in total."""
+    per_model = {}
+    for r in results:
+        n = len(r.images) + len(r.general_images)
+        generation = r.timings.get("generation", 0.0)
+        per_model[r.name] = {
+            "images_generated": n,
+            "seconds": round(r.seconds, 3),
+            "generation_images_per_second": round(n / generation, 3) if generation else None,
+            "seconds_per_metric": {k: round(v, 3) for k, v in r.timings.items()},
+        }
+    n_total = sum(m["images_generated"] for m in per_model.values())
+    return {
+        "images_generated": n_total,
+        "wall_seconds": round(total_seconds, 3),
+        "images_per_second": round(n_total / total_seconds, 3) if total_seconds else None,
+        "reference_seconds": round(reference.seconds, 3),
+        "models": per_model,
+    }
+
+
+def write_outputs(
+    results: list[ModelEval],
+    eval_set: EvalSet,
+    extractors: Extractors,
+    reference: Reference,
+    out: Path,
+    total_seconds: float = 0.0,
+    train_curve: Path | None = None,
+) -> dict[str, Any]:
+    """Images, per-sample values, per-prompt CSV, worst memorisation cases, intervals, grid and HTML report under
+    `out`; returns the summary that becomes `reports/metrics.json`."""
+    from pipeline.report import write_report
+
+    p = eval_set.params
     out.mkdir(parents=True, exist_ok=True)
     for result in results:
         folder = out / "images" / result.name
         folder.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(result.images):
             image.save(folder / f"{i:03d}.png")
+        for i, image in enumerate(result.general_images):
+            image.save(folder / f"general_{i:03d}.png")
     (out / "samples.json").write_text(json.dumps({r.name: r.samples for r in results}, indent=1) + "\n")
     with open(out / "per_prompt.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["model", "index", "prompt", "seed", "clip_score"])
+        extra = ["precision", "density", "memorisation_similarity"]
+        writer.writerow(["model", "index", "prompt", "seed", "clip_score", *extra, "nearest_train", "predicted_label"])
         for r in results:
             for i, (prompt, seed) in enumerate(zip(eval_set.prompts, eval_set.seeds, strict=True)):
-                writer.writerow([r.name, i, prompt, seed, round(r.samples["clip_score"][i], 5)])
-    grid = contact_grid({r.name: r.images for r in results}, eval_set.prompts, eval_set.params.images_per_prompt)
+                cells = [round(r.samples[k][i], 5) if k in r.samples else "" for k in ["clip_score", *extra]]
+                cells += [r.per_image.get(k, [""] * (i + 1))[i] for k in ("nearest_train", "predicted_label")]
+                writer.writerow([r.name, i, prompt, seed, *cells])
+    (out / "memorisation.json").write_text(json.dumps({r.name: r.memorised for r in results}, indent=1) + "\n")
+    grid = contact_grid({r.name: r.images for r in results}, eval_set.prompts, p.images_per_prompt)
     grid.save(out / "grid.png")
+
+    skipped = skipped_metrics(eval_set)
+    n_generated = len(eval_set.prompts)
+    untrusted = metrics.untrusted_metrics(
+        len(eval_set.validation.images), len(eval_set.train.images), n_generated, p.fid_min_n
+    )
     summary: dict[str, Any] = {r.name: {k: round(v, 6) for k, v in r.values.items()} for r in results}
     summary["evaluation"] = {
         "eval_set_hash": eval_set.digest(),
         "n_validation_images": len(eval_set.validation.images),
-        "n_generated_per_model": len(eval_set.prompts),
-        "num_inference_steps": eval_set.params.num_inference_steps,
+        "n_train_images": len(eval_set.train.images),
+        "n_generated_per_model": n_generated,
+        "n_general_per_model": len(eval_set.general_prompts),
+        "num_inference_steps": p.num_inference_steps,
         "extractors": extractors.description,
+        "clip_model": p.clip_model,
+        "image_features": p.image_features,
+        "plumbing_only": bool(extractors.plumbing_only),
+        "fid_n_real": len(eval_set.validation.images),
+        "fid_n_generated": n_generated,
+        "untrusted": untrusted,
+        "skipped": skipped,
         "seconds": round(sum(r.seconds for r in results), 3),
+        "cost": cost(results, reference, total_seconds or sum(r.seconds for r in results)),
     }
+    cis = intervals(results, p)
+    (out / "intervals.json").write_text(json.dumps(cis, indent=1) + "\n")
+    write_report(out / "report.html", results, eval_set, summary, cis, train_curve)
     return summary
 
 
@@ -205,13 +450,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--prepared", required=True, type=Path)
     parser.add_argument("--adapter", required=True, type=Path, help="LoRA folder (diffusers format)")
-    parser.add_argument("--out", required=True, type=Path, help="folder for images, samples and the grid")
+    parser.add_argument("--out", required=True, type=Path, help="folder for images, samples, grid and report.html")
     parser.add_argument("--metrics", type=Path, help="summary JSON to write (default: <out>/metrics.json)")
     parser.add_argument("--name", default="candidate", help="what to call the adapter in the outputs")
     parser.add_argument("--no-base", action="store_true", help="skip the untuned base model")
     parser.add_argument("--base-model", help="base model the adapter was trained on (default: base.model)")
+    parser.add_argument("--train-curve", type=Path, help="training curve CSV to draw in the report (optional)")
     args = parser.parse_args(argv)
     env.configure()
+    started = time.perf_counter()
     try:
         params = load_params(args.params)
     except ParamsError as exc:
@@ -220,6 +467,20 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.adapter / "pytorch_lora_weights.safetensors").is_file():
         print(f"error: no adapter at {args.adapter}: run the train stage first (`dvc repro train`).", file=sys.stderr)
         return 2
+    validation = read_split(args.prepared / "validation")
+    train_dir = args.prepared / "train"
+    train = read_split(train_dir) if (train_dir / "metadata.jsonl").is_file() else Split([], [], [])
+    eval_set = build_eval_set(validation, params.evaluate, params.data.resolution, train)
+    # Before any work: a gate rule on a number this evaluation cannot vouch for is a configuration error.
+    gate_rules = [r.metric for r in (*params.gate.primary, *params.gate.guardrails, *params.gate.floors)]
+    untrusted = metrics.untrusted_metrics(
+        len(validation.images), len(train.images), len(eval_set.prompts), params.evaluate.fid_min_n
+    )
+    problems = metrics.gate_metric_problems(gate_rules, untrusted, skipped_metrics(eval_set))
+    if problems:
+        print("error: params.yaml `gate:`\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 2
+
     from diffusers import StableDiffusionPipeline
 
     model = args.base_model or resolve_model(params, Path(args.params).resolve().parent)
@@ -227,20 +488,24 @@ def main(argv: list[str] | None = None) -> int:
         model, revision=params.base.revision, safety_checker=None, requires_safety_checker=False
     )
     pipe.set_progress_bar_config(disable=True)
-    validation = read_split(args.prepared / "validation")
-    eval_set = build_eval_set(validation, params.evaluate, params.data.resolution)
-    extractors = tiny_extractors(pipe.tokenizer, seed=params.evaluate.seed)
-    # The VAE and text encoder are frozen and shared, so held-out latents are the same for every model.
-    val_latents = encode_images(pipe.vae, validation.images)
-    val_embeddings = encode_text(pipe.tokenizer, pipe.text_encoder, validation.captions)
+    try:
+        extractors = build_extractors(params.evaluate, pipe.tokenizer)
+    except (MissingWeightsError, ModuleNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if extractors.plumbing_only:
+        print(f"note: {extractors.description}", file=sys.stderr)
+    reference = build_reference(pipe, eval_set, extractors, split_files(train_dir))
 
     results = []
     if not args.no_base:
-        results.append(evaluate_model("base", pipe, eval_set, val_latents, val_embeddings, extractors))
+        results.append(evaluate_model("base", pipe, eval_set, reference, extractors))
     pipe.load_lora_weights(str(args.adapter))
-    results.append(evaluate_model(args.name, pipe, eval_set, val_latents, val_embeddings, extractors))
+    results.append(evaluate_model(args.name, pipe, eval_set, reference, extractors))
 
-    summary = write_outputs(results, eval_set, extractors, args.out)
+    summary = write_outputs(
+        results, eval_set, extractors, reference, args.out, time.perf_counter() - started, args.train_curve
+    )
     metrics_path = args.metrics or args.out / "metrics.json"
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps(summary, indent=2) + "\n")

@@ -7,6 +7,8 @@ bfloat16 included) and computes in float64 numpy. Nothing here reads files, para
   percentile interval), used by the gate to ask "is the candidate better on the same prompts, beyond noise?".
 - `precision_recall`: improved precision and recall (Kynkäänniemi et al. 2019).
 - `density_coverage`: density and coverage (Naeem et al. 2020).
+- `precision_recall_per_sample`, `density_coverage_per_sample`: the per-sample terms whose means are those metrics,
+  for paired intervals.
 - `nearest_neighbours`: cosine nearest neighbour, for memorisation checks (generated image vs. training images).
 
 Boundary convention for the k-NN manifolds: a point at exactly the radius of a ball counts as inside (<=).
@@ -277,6 +279,42 @@ def density_coverage(real: Any, fake: Any, k: int = 3) -> dict[str, float]:
     density = float(inside.sum() / (k * len(fake_a)))
     coverage = float(inside.any(axis=1).mean())
     return {"density": density, "coverage": coverage}
+
+
+def precision_recall_per_sample(real: Any, fake: Any, k: int = 3) -> dict[str, np.ndarray]:
+    """Per-sample terms of `precision_recall` (Kynkäänniemi et al. 2019): their means are precision and recall.
+
+    Returns:
+        {"precision": float array (M,), 1.0 where fake_j lies in the real manifold;
+         "recall": float array (N,), 1.0 where real_i lies in the fake manifold}.
+        Per generated image and per real image, so two models evaluated on the same prompts, seeds and real images
+        can be compared with a paired bootstrap.
+    """
+    real_a = _features(real, "real")
+    fake_a = _features(fake, "fake")
+    _check_same_dim(real_a, fake_a, "real", "fake")
+    _check_k(k, len(real_a), "real")
+    _check_k(k, len(fake_a), "fake")
+    cross = _squared_distances(real_a, fake_a)  # (N, M)
+    return {
+        "precision": (cross <= _knn_radii_sq(real_a, k)[:, None]).any(axis=0).astype(np.float64),
+        "recall": (cross <= _knn_radii_sq(fake_a, k)[None, :]).any(axis=1).astype(np.float64),
+    }
+
+
+def density_coverage_per_sample(real: Any, fake: Any, k: int = 5) -> dict[str, np.ndarray]:
+    """Per-sample terms of `density_coverage` (Naeem et al. 2020): their means are density and coverage.
+
+    Returns:
+        {"density": float array (M,), the number of real balls holding fake_j divided by k;
+         "coverage": float array (N,), 1.0 where real_i's ball holds at least one fake}.
+    """
+    real_a = _features(real, "real")
+    fake_a = _features(fake, "fake")
+    _check_same_dim(real_a, fake_a, "real", "fake")
+    _check_k(k, len(real_a), "real")
+    inside = _squared_distances(real_a, fake_a) <= _knn_radii_sq(real_a, k)[:, None]  # (N, M)
+    return {"density": inside.sum(axis=0) / k, "coverage": inside.any(axis=1).astype(np.float64)}
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,293 @@
+"""The evaluate stage on the tiny SD model: the CLI contract the gate reads, and paired intervals that can be trusted.
+
+Bootstrap checks: a model compared with itself (a LoRA whose B matrices are zero) gives intervals containing 0 on
+every per-sample metric; a visibly degraded copy (a LoRA of large random weights) gives a val_loss interval that
+excludes 0 on the bad side.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline import evaluate
+from pipeline.config import load_params
+from pipeline.demo_data import BACKGROUNDS, COLOURS, draw_shape
+from pipeline.diffusion import read_split
+
+RESOLUTION = 32
+VALIDATION = [("red", "circle", "white"), ("blue", "square", "black"), ("green", "triangle", "white")] * 2
+TRAIN = [(c, s, b) for c in ("red", "yellow") for s in ("circle", "square", "triangle") for b in ("white", "black")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: these models are tiny, and on a shared 2-core machine a second thread mostly waits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pipeline.tiny import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("evaluate-base") / "tiny-sd")
+
+
+def _write_split(folder: Path, items: list[tuple[str, str, str]], seed: int) -> None:
+    """A prepared split as the prepare stage writes it: images at the resolution and metadata.jsonl."""
+    import random
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True)
+    rows = []
+    for k, (colour, shape, background) in enumerate(items):
+        image = draw_shape(shape, COLOURS[colour], BACKGROUNDS[background], RESOLUTION, rng)
+        name = f"{k:03d}.png"
+        image.save(folder / name)
+        digest = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+        rows.append({"file_name": name, "text": f"a {colour} {shape} on a {background} background", "sha256": digest})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory, tiny_sd: Path) -> Path:
+    """A folder with params.yaml, a prepared dataset and the tiny base model."""
+    root = tmp_path_factory.mktemp("evaluate-project")
+    _write_split(root / "prepared" / "validation", VALIDATION, seed=1)
+    _write_split(root / "prepared" / "train", TRAIN, seed=2)
+    write_params(root, tiny_sd)
+    return root
+
+
+def write_params(
+    root: Path, base_model: Path, evaluate_overrides: dict[str, Any] | None = None, gate: dict | None = None
+) -> Path:
+    """params.yaml for a small evaluation: 4 prompts x 2 seeds, 2 scheduler steps, 32 px."""
+    (root / "raw").mkdir(exist_ok=True)
+    params = {
+        "base": {"model": str(base_model)},
+        "data": {"source": "raw", "resolution": RESOLUTION},
+        "train": {},
+        "evaluate": {
+            "seed": 1234,
+            "val_timesteps": 2,
+            "prompts": ["a yellow circle on a black background"],
+            "images_per_prompt": 2,
+            "num_inference_steps": 2,
+            "guidance_scale": 2.0,
+            "batch_size": 4,
+            "general_prompts": ["a photo of a dog"],
+            "label_vocabulary": ["circle", "square", "triangle"],
+            "precision_recall_k": 2,
+            "density_coverage_k": 2,
+            "memorisation_worst": 3,
+            "bootstrap_resamples": 200,
+            **(evaluate_overrides or {}),
+        },
+        "gate": gate or {"primary": [{"metric": "val_loss", "greater_is_better": False, "min_relative_change": 0.0}]},
+        "registry": {"model_name": "test"},
+    }
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def save_adapter(pipe: Any, folder: Path, std: float, seed: int = 0) -> Path:
+    """A LoRA on the UNet's attention and output convolution, saved as the train stage saves it. std 0 keeps PEFT's
+    init (B = 0: the adapter changes nothing); a large std gives a visibly degraded model (random weights on the
+    attention alone can even lower the loss of the random tiny UNet, so the output convolution is perturbed too)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    unet = copy.deepcopy(pipe.unet)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv_out"]))
+    if std:
+        generator = torch.Generator().manual_seed(seed)
+        for name, param in unet.named_parameters():
+            if "lora_" in name:
+                param.data = torch.randn(param.shape, generator=generator) * std
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=layers, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd: Path) -> Any:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def degraded_adapter(tmp_path_factory: pytest.TempPathFactory, pipe: Any) -> Path:
+    return save_adapter(pipe, tmp_path_factory.mktemp("degraded"), std=2.0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The CLI contract
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli_run(project: Path, degraded_adapter: Path) -> Path:
+    curve = project / "curve.csv"
+    curve.write_text("step,train_loss,val_loss,lr\n0,,1.2,\n1,1.1,,0.001\n2,1.0,0.9,0.001\n")
+    code = evaluate.main(
+        [
+            "--params", str(project / "params.yaml"), "--prepared", str(project / "prepared"),
+            "--adapter", str(degraded_adapter), "--out", str(project / "reports" / "eval"),
+            "--metrics", str(project / "reports" / "metrics.json"), "--train-curve", str(curve),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    return project / "reports"
+
+
+def test_cli_writes_what_the_gate_reads(cli_run: Path) -> None:
+    summary = json.loads((cli_run / "metrics.json").read_text())
+    samples = json.loads((cli_run / "eval" / "samples.json").read_text())
+    assert set(summary) == {"base", "candidate", "evaluation"}
+    ev = summary["evaluation"]
+    assert len(ev["eval_set_hash"]) == 64
+    assert ev["n_generated_per_model"] == 8 and ev["n_general_per_model"] == 2  # (3 captions + 1 prompt) x 2 seeds
+    n_per_metric = {"val_loss": 6, "clip_score": 8, "forgetting_clip_score": 2, "adherence_accuracy": 8}
+    n_per_metric |= {"precision": 8, "density": 8, "memorisation_similarity": 8, "recall": 6, "coverage": 6}
+    for model in ("base", "candidate"):
+        assert set(samples[model]) == set(n_per_metric)
+        for metric, n in n_per_metric.items():
+            assert len(samples[model][metric]) == n, metric
+            # The reported value is the mean of the per-sample values, so the gate's interval is about that number.
+            assert summary[model][metric] == pytest.approx(np.mean(samples[model][metric]), abs=1e-6)
+        for metric in ("fid", "kid", "mifid", "f1", "memorisation_max", "adherence_f1_circle"):
+            assert np.isfinite(summary[model][metric]), metric
+    # FID on 6 real images is reported, flagged, and the tiny extractors are called what they are.
+    assert ev["fid_n_real"] == 6 and ev["untrusted"]["fid"].startswith("untrusted_small_n")
+    assert ev["plumbing_only"] and "plumbing only" in ev["extractors"]
+    cost = ev["cost"]
+    assert cost["images_generated"] == 20 and cost["images_per_second"] > 0
+    assert {"val_loss", "generation", "clip_score", "fid", "kid", "memorisation"} <= set(
+        cost["models"]["candidate"]["seconds_per_metric"]
+    )
+
+
+def test_cli_side_outputs(cli_run: Path, project: Path) -> None:
+    out = cli_run / "eval"
+    assert len(list((out / "images" / "candidate").glob("[0-9]*.png"))) == 8
+    assert len(list((out / "images" / "base").glob("general_*.png"))) == 2
+    with open(out / "per_prompt.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 16 and {r["predicted_label"] for r in rows} <= {"circle", "square", "triangle"}
+    worst = json.loads((out / "memorisation.json").read_text())["candidate"]
+    assert len(worst) == 3
+    assert [w["similarity"] for w in worst] == sorted((w["similarity"] for w in worst), reverse=True)
+    train_files = {str(project / "prepared" / "train" / f"{k:03d}.png") for k in range(len(TRAIN))}
+    assert all(w["nearest_train"] in train_files and (out / w["generated"]).is_file() for w in worst)
+    intervals = json.loads((out / "intervals.json").read_text())
+    assert intervals["val_loss"]["n"] == 6 and intervals["val_loss"]["n_resamples"] == 200
+    html = (out / "report.html").read_text()
+    assert 'id="plumbing-warning"' in html and 'id="curve"' in html and html.count("data:image/png;base64,") >= 20
+
+
+def test_champion_run_is_comparable_with_the_candidate_run(cli_run: Path, project: Path, degraded_adapter: Path):
+    """What the gate does for a champion: --no-base --name champion on the same set gives the same hash and values."""
+    out = project / "champion"
+    code = evaluate.main(
+        [
+            "--params", str(project / "params.yaml"), "--prepared", str(project / "prepared"),
+            "--adapter", str(degraded_adapter), "--out", str(out / "eval"), "--metrics", str(out / "metrics.json"),
+            "--name", "champion", "--no-base",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    champion = json.loads((out / "metrics.json").read_text())
+    candidate = json.loads((cli_run / "metrics.json").read_text())
+    assert set(champion) == {"champion", "evaluation"}
+    assert champion["evaluation"]["eval_set_hash"] == candidate["evaluation"]["eval_set_hash"]
+    samples = json.loads((out / "eval" / "samples.json").read_text())["champion"]
+    assert samples == json.loads((cli_run / "eval" / "samples.json").read_text())["candidate"]
+
+
+def test_gate_on_small_n_fid_stops_before_any_work(
+    tmp_path: Path, project: Path, tiny_sd: Path, degraded_adapter: Path, capsys
+) -> None:
+    gate = {"primary": [{"metric": "fid", "greater_is_better": False, "min_absolute_change": 0.0}]}
+    params = write_params(tmp_path, tiny_sd, gate=gate)
+    args = ["--params", str(params), "--prepared", str(project / "prepared"), "--adapter", str(degraded_adapter)]
+    code = evaluate.main([*args, "--out", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "gate rule on 'fid'" in err and "untrusted_small_n" in err and "must not decide a promotion" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_real_extractor_weights_stop_the_cli_with_the_file_to_place(
+    tmp_path: Path, project: Path, tiny_sd: Path, degraded_adapter: Path, capsys
+) -> None:
+    params = write_params(tmp_path, tiny_sd, {"image_features": str(tmp_path / "weights" / "inception.pth")})
+    args = ["--params", str(params), "--prepared", str(project / "prepared"), "--adapter", str(degraded_adapter)]
+    assert evaluate.main([*args, "--out", str(tmp_path / "out")]) == 2
+    assert f"Place inception.pth in {tmp_path / 'weights'}" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Paired bootstrap checks on real evaluations
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def harness(project: Path, pipe: Any) -> dict[str, Any]:
+    params = load_params(project / "params.yaml").evaluate
+    validation = read_split(project / "prepared" / "validation")
+    train = read_split(project / "prepared" / "train")
+    eval_set = evaluate.build_eval_set(validation, params, RESOLUTION, train)
+    extractors = evaluate.build_extractors(params, pipe.tokenizer)
+    files = evaluate.split_files(project / "prepared" / "train")
+    reference = evaluate.build_reference(pipe, eval_set, extractors, files)
+    base = evaluate.evaluate_model("base", pipe, eval_set, reference, extractors)
+    return {"eval_set": eval_set, "extractors": extractors, "reference": reference, "base": base}
+
+
+def _evaluate_with(pipe: Any, adapter: Path, harness: dict[str, Any]) -> evaluate.ModelEval:
+    pipe.load_lora_weights(str(adapter))
+    try:
+        return evaluate.evaluate_model(
+            "candidate", pipe, harness["eval_set"], harness["reference"], harness["extractors"]
+        )
+    finally:
+        pipe.unload_lora_weights()
+
+
+def test_identical_models_give_intervals_containing_zero(pipe: Any, harness: dict, tmp_path: Path) -> None:
+    same = _evaluate_with(pipe, save_adapter(pipe, tmp_path, std=0.0), harness)
+    cis = evaluate.intervals([harness["base"], same], harness["eval_set"].params)
+    assert set(cis) == set(same.samples)  # every per-sample metric gets an interval
+    for metric, ci in cis.items():
+        assert ci["low"] <= 0.0 <= ci["high"], metric
+        assert not ci["excludes_zero"], metric
+    assert same.samples == harness["base"].samples  # seeded per image: the evaluation itself adds no noise
+
+
+def test_degraded_model_gives_a_val_loss_interval_excluding_zero(
+    pipe: Any, harness: dict, degraded_adapter: Path
+) -> None:
+    worse = _evaluate_with(pipe, degraded_adapter, harness)
+    cis = evaluate.intervals([harness["base"], worse], harness["eval_set"].params)
+    assert cis["val_loss"]["low"] > 0.0, cis["val_loss"]  # candidate - base: the loss went up, beyond noise
+    assert worse.values["val_loss"] > 1.5 * harness["base"].values["val_loss"]
+    # The generated images changed too (paired per prompt and seed), so image metrics moved.
+    assert worse.samples["clip_score"] != harness["base"].samples["clip_score"]
