@@ -8,6 +8,7 @@ MiFID, precision/recall, density/coverage and memorisation all see the same numb
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -112,9 +113,11 @@ def kid(real: torch.Tensor, fake: torch.Tensor, seed: int, subsets: int = 100) -
     """
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    metric = KernelInceptionDistance(
-        feature=Precomputed(real.shape[1]), subsets=subsets, subset_size=min(len(real), len(fake), 1000)
-    )
+    with warnings.catch_warnings():  # "will save all extracted features": features, not images, so they are small
+        warnings.simplefilter("ignore", UserWarning)
+        metric = KernelInceptionDistance(
+            feature=Precomputed(real.shape[1]), subsets=subsets, subset_size=min(len(real), len(fake), 1000)
+        )
     metric.update(real, real=True)
     metric.update(fake, real=False)
     with torch.random.fork_rng(devices=[]):

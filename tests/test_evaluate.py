@@ -22,7 +22,7 @@ import yaml
 from pipeline import evaluate
 from pipeline.config import load_params
 from pipeline.demo_data import BACKGROUNDS, COLOURS, draw_shape
-from pipeline.diffusion import read_split
+from pipeline.diffusion import Split, read_split
 
 RESOLUTION = 32
 VALIDATION = [("red", "circle", "white"), ("blue", "square", "black"), ("green", "triangle", "white")] * 2
@@ -291,3 +291,17 @@ def test_degraded_model_gives_a_val_loss_interval_excluding_zero(
     assert worse.values["val_loss"] > 1.5 * harness["base"].values["val_loss"]
     # The generated images changed too (paired per prompt and seed), so image metrics moved.
     assert worse.samples["clip_score"] != harness["base"].samples["clip_score"]
+
+
+def test_eval_set_hash_follows_metric_settings_not_report_settings(project: Path) -> None:
+    params = load_params(project / "params.yaml").evaluate
+    validation = read_split(project / "prepared" / "validation")
+    train = read_split(project / "prepared" / "train")
+
+    def digest(**changes: Any) -> str:
+        return evaluate.build_eval_set(validation, params.model_copy(update=changes), RESOLUTION, train).digest()
+
+    assert digest() == digest(bootstrap_resamples=5000, confidence=0.9, memorisation_worst=10)
+    for change in ({"image_features": "dinov2"}, {"precision_recall_k": 3}, {"general_prompts": ["a cat"]}):
+        assert digest(**change) != digest(), change
+    assert evaluate.build_eval_set(validation, params, RESOLUTION, Split([], [], [])).digest() != digest()

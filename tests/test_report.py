@@ -86,7 +86,7 @@ def report(tmp_path: Path) -> Path:
     ]
     extractors = evaluate.Extractors(clip=(None, None), image_features=torch.nn.Identity(), plumbing_only=["tiny"])
     empty = torch.zeros(0, 2)
-    reference = evaluate.Reference(empty, empty, empty, empty, [str(train_file)], seconds=0.2)
+    reference = evaluate.Reference(empty, empty, empty, [str(train_file)], seconds=0.2)
     curve = tmp_path / "curve.csv"
     curve.write_text("step,train_loss,val_loss,lr\n0,,1.2,\n1,1.1,,0.001\n2,1.0,,0.001\n3,0.9,0.95,0.001\n")
     evaluate.write_outputs(results, eval_set, extractors, reference, tmp_path / "eval", 3.0, curve)
