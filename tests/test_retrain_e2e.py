@@ -104,13 +104,15 @@ def test_retrain_promotes_then_rejects_a_worse_model(promoted, monkeypatch: pyte
     set_params(project, {"train.learning_rate": 0.0})
     plan = run_dvc(project, "repro", "--dry").stdout
     assert "Stage 'prepare' didn't change" in plan, plan
-    assert "Running stage 'train'" in plan and "Running stage 'evaluate'" in plan, plan
+    assert "Running stage 'train'" in plan, plan
 
     # Run 2: learning rate 0 gives the untuned model, which must lose to the champion.
     second = run_sdft(project, "run")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "REJECTED" in second.stdout
-    assert "Stage 'prepare' didn't change, skipping" in second.stdout + second.stderr
+    log = second.stdout + second.stderr
+    assert "Stage 'prepare' didn't change, skipping" in log
+    assert "Running stage 'train'" in log and "Running stage 'evaluate'" in log
     gate = json.loads((project / "reports" / "gate.json").read_text())
     assert gate["promote"] is False
     assert gate["baseline_kind"] == "champion" and gate["champion_version"] == "1"
