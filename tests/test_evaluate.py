@@ -109,7 +109,6 @@ def save_adapter(pipe: Any, folder: Path, std: float, seed: int = 0) -> Path:
     init (B = 0: the adapter changes nothing); a large std gives a visibly degraded model (random weights on the
     attention alone can even lower the loss of the random tiny UNet, so the output convolution is perturbed too)."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig, get_peft_model_state_dict
 
     unet = copy.deepcopy(pipe.unet)
@@ -119,7 +118,9 @@ def save_adapter(pipe: Any, folder: Path, std: float, seed: int = 0) -> Path:
         for name, param in unet.named_parameters():
             if "lora_" in name:
                 param.data = torch.randn(param.shape, generator=generator) * std
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    # PEFT key names as they are: diffusers' converter renames attention keys but not conv ones, and a mix of the
+    # two formats silently loads only part of the adapter.
+    layers = get_peft_model_state_dict(unet)
     StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=layers, safe_serialization=True)
     return folder
 
