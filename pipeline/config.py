@@ -165,6 +165,37 @@ class RegistryParams(_Section):
     model_name: Annotated[str, Field(min_length=1)] = "sdft"
 
 
+class OrchestrationParams(_Section):
+    """The Prefect flow around the stages (flows/); no stage reads these, so DVC does not track them."""
+
+    stage_timeout_minutes: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict, description="Per dvc.yaml stage: stop it and fail the retrain after this long."
+    )
+    lock_wait_minutes: Annotated[float, Field(ge=0)] = 120.0
+
+
+class NotifyParams(_Section):
+    """Messages on promotion, rejection and failure (docs/scheduling.md)."""
+
+    webhook_url: str | None = Field(None, description="POST a JSON message here (Slack-style {'text': ...}).")
+    block: str | None = Field(None, description="A Prefect notification block, '<block-type>/<name>'.")
+    events: list[Literal["promoted", "rejected", "failed", "skipped"]] = ["promoted", "rejected", "failed"]
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        return value
+
+    @field_validator("block")
+    @classmethod
+    def _slug(cls, value: str | None) -> str | None:
+        if value is not None and value.count("/") != 1:
+            raise ValueError(f"must be '<block-type>/<block-name>' (e.g. slack-webhook/ml-team), got {value!r}")
+        return value
+
+
 class Params(_Section):
     base: BaseModelParams
     data: DataParams
@@ -172,6 +203,8 @@ class Params(_Section):
     evaluate: EvaluateParams
     gate: GatePolicy
     registry: RegistryParams
+    orchestration: OrchestrationParams = OrchestrationParams()
+    notify: NotifyParams = NotifyParams()
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:
