@@ -98,25 +98,89 @@ class DataParams(_Section):
         return value
 
 
+class PriorPreservationParams(_Section):
+    """DreamBooth prior preservation (Ruiz et al. 2023): also fit images of the subject's class, so it stays known."""
+
+    enabled: bool = False
+    class_prompt: str = Field("", description="Prompt of the class, e.g. 'a photo of a dog'.")
+    class_images_dir: str | None = Field(None, description="Folder of class images; unset: generate them once.")
+    num_class_images: Annotated[int, Field(ge=1)] = 50
+    prior_loss_weight: Annotated[float, Field(ge=0)] = 1.0
+    num_inference_steps: Annotated[int, Field(ge=1)] = 25
+
+    @model_validator(mode="after")
+    def _has_prompt(self) -> PriorPreservationParams:
+        if self.enabled and not self.class_prompt.strip():
+            raise ValueError("class_prompt is required when prior preservation is enabled (e.g. 'a photo of a dog')")
+        return self
+
+
+# LoRA target presets: module-name suffixes in diffusers' UNet2DConditionModel.
+LORA_TARGETS = {
+    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
+    "attention+ffn": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
+    "attention+ffn+conv": [
+        *("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"),
+        *("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv"),
+    ],
+}
+
+
 class TrainParams(_Section):
     seed: int = 0
     max_steps: Annotated[int, Field(ge=0)] = 200
     batch_size: Annotated[int, Field(ge=1)] = 8
+    gradient_accumulation_steps: Annotated[int, Field(ge=1)] = 1
     learning_rate: Annotated[float, Field(ge=0)] = 1e-3
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
     lr_warmup_steps: Annotated[int, Field(ge=0)] = 0
+    optimizer: Literal["adamw", "adamw_fused", "adamw8bit"] = "adamw"
     weight_decay: Annotated[float, Field(ge=0)] = 1e-2
     max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    method: Literal["lora", "full"] = "lora"
     lora_rank: Annotated[int, Field(ge=1)] = 4
     lora_alpha: Annotated[float, Field(gt=0)] = 4.0
     lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+    lora_targets: Literal["attention", "attention+ffn", "attention+ffn+conv"] | list[str] = "attention"
+    train_blocks: list[str] = Field(default_factory=list, description="method full: UNet name prefixes to train.")
+    train_text_encoder: bool = False
+    text_encoder_lr: Annotated[float, Field(ge=0)] | None = None
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    snr_gamma: Annotated[float, Field(gt=0)] | None = None
     noise_offset: Annotated[float, Field(ge=0)] = 0.0
+    input_perturbation: Annotated[float, Field(ge=0)] = 0.0
+    caption_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    prior_preservation: PriorPreservationParams = PriorPreservationParams()
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    log_every: Annotated[int, Field(ge=1)] = 10
     validation_every: Annotated[int, Field(ge=1)] = 25
     validation_timesteps: Annotated[int, Field(ge=1)] = 4
     early_stopping_patience: Annotated[int, Field(ge=0)] = 0
     early_stopping_min_delta: Annotated[float, Field(ge=0)] = 0.0
+    checkpoint_every: Annotated[int, Field(ge=0)] = 0
+    checkpoints_total_limit: Annotated[int, Field(ge=1)] = 2
+    export_kohya: bool = False
+
+    @field_validator("lora_targets")
+    @classmethod
+    def _targets(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise ValueError(f"give a preset ({', '.join(LORA_TARGETS)}) or a non-empty list of module names")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainParams:
+        if self.train_blocks and self.method != "full":
+            raise ValueError("train_blocks applies to method 'full' only; LoRA layers are chosen by lora_targets")
+        return self
+
+    @property
+    def lora_target_modules(self) -> list[str]:
+        return LORA_TARGETS[self.lora_targets] if isinstance(self.lora_targets, str) else list(self.lora_targets)
 
 
 class EvaluateParams(_Section):

@@ -1,6 +1,7 @@
 """Shared diffusion helpers used by both `train` and `evaluate`: the same code must compute the same numbers.
 
-- loading the frozen components of a base model with `from_pretrained` (hub id or local folder alike);
+- loading the frozen components of a base model with `from_pretrained` (hub id or local folder alike), SD 1.x/2.x
+  (one text encoder) or SDXL (two, plus pooled-text and size/crop conditioning);
 - reading a prepared split and encoding it once (VAE latents, text embeddings);
 - the fixed-noise validation loss, so a curve is comparable across steps, runs and models.
 """
@@ -25,14 +26,39 @@ class Components:
     vae: Any
     unet: Any
     noise_scheduler: Any
+    tokenizer_2: Any = None  # SDXL only
+    text_encoder_2: Any = None  # SDXL only: CLIPTextModelWithProjection (pooled text for the added embedding)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def text_encoders(self) -> list[Any]:
+        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
+
+
+def is_sdxl_model(model: str, revision: str | None = None) -> bool:
+    """SDXL is recognised by its second text encoder in `model_index.json` (the UNet's "text_time" embedding)."""
+    from diffusers import DiffusionPipeline
+
+    return "text_encoder_2" in DiffusionPipeline.load_config(model, revision=revision)
 
 
 def load_components(model: str, revision: str | None = None, dtype: torch.dtype = torch.float32) -> Components:
-    """Load tokenizer, text encoder, VAE, UNet and a DDPM noise scheduler, all frozen."""
+    """Load tokenizer(s), text encoder(s), VAE, UNet and a DDPM noise scheduler, all frozen."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     kwargs: dict[str, Any] = {"revision": revision}
+    extra: dict[str, Any] = {}
+    if is_sdxl_model(model, revision):
+        extra = {
+            "tokenizer_2": CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2", **kwargs),
+            "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
+                model, subfolder="text_encoder_2", torch_dtype=dtype, **kwargs
+            ),
+        }
     components = Components(
         tokenizer=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kwargs),
         text_encoder=CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype, **kwargs),
@@ -40,8 +66,9 @@ def load_components(model: str, revision: str | None = None, dtype: torch.dtype 
         unet=UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype, **kwargs),
         # Training adds noise with the DDPM forward process whatever sampler the pipeline ships with.
         noise_scheduler=DDPMScheduler.from_pretrained(model, subfolder="scheduler", **kwargs),
+        **extra,
     )
-    for module in (components.text_encoder, components.vae, components.unet):
+    for module in (*components.text_encoders, components.vae, components.unet):
         module.requires_grad_(False)
         module.eval()
     return components
@@ -104,6 +131,72 @@ def encode_text(tokenizer: Any, text_encoder: Any, captions: list[str], batch_si
     return torch.cat(out).float()
 
 
+def tokenize(components: Components, captions: list[str]) -> dict[str, torch.Tensor]:
+    """Token ids for each text encoder: {"ids": (N, 77)} and, for SDXL, {"ids_2": (N, 77)}."""
+    out = {}
+    for key, tokenizer, encoder in (
+        ("ids", components.tokenizer, components.text_encoder),
+        ("ids_2", components.tokenizer_2, components.text_encoder_2),
+    ):
+        if encoder is not None:
+            out[key] = tokenizer(
+                captions,
+                padding="max_length",
+                max_length=encoder.config.max_position_embeddings,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+    return out
+
+
+def text_conditioning(components: Components, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Text conditioning from token ids, with gradients when an encoder trains.
+
+    SD 1.x/2.x: {"emb": last hidden states (N, 77, D)}. SDXL: {"emb": both encoders' penultimate hidden states side by
+    side (N, 77, D1 + D2), "pooled": the second encoder's projected pooled output (N, P)}, as SDXL's pipeline does.
+    """
+    encoder = components.text_encoder
+    device = next(encoder.parameters()).device  # also through a DDP wrapper
+    ids = tokens["ids"].to(device)
+    if not components.is_sdxl:
+        return {"emb": encoder(ids)[0]}
+    first = encoder(ids, output_hidden_states=True)
+    second = components.text_encoder_2(tokens["ids_2"].to(device), output_hidden_states=True)
+    emb = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+    return {"emb": emb, "pooled": second.text_embeds}
+
+
+def size_conditioning(n: int, height: int, width: int) -> torch.Tensor:
+    """SDXL's micro-conditioning ids (N, 6): original size, crop top-left, target size.
+
+    Prepared images are already resized and cropped to the training resolution, so original = target, crop = (0, 0).
+    """
+    return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).repeat(n, 1)
+
+
+@torch.no_grad()
+def encode_conditioning(
+    components: Components, captions: list[str], resolution: int, batch_size: int = 64
+) -> dict[str, torch.Tensor]:
+    """Frozen text conditioning for every caption, computed once: {"emb"} (+ {"pooled", "time_ids"} for SDXL)."""
+    parts = [
+        text_conditioning(components, tokenize(components, captions[start : start + batch_size]))
+        for start in range(0, len(captions), batch_size)
+    ]
+    cond = {key: torch.cat([p[key] for p in parts]).float() for key in parts[0]}
+    if components.is_sdxl:
+        cond["time_ids"] = size_conditioning(len(captions), resolution, resolution)
+    return cond
+
+
+def predict(unet: Any, noisy: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    """UNet prediction; SDXL also reads the pooled text and the size/crop ids (its "text_time" added embedding)."""
+    kwargs = {}
+    if "pooled" in cond:
+        kwargs["added_cond_kwargs"] = {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]}
+    return unet(noisy, t, cond["emb"], **kwargs).sample
+
+
 def diffusion_target(noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """What the UNet is trained to predict: the noise (epsilon) or the velocity (v-prediction, Salimans & Ho 2022)."""
     kind = noise_scheduler.config.prediction_type
@@ -119,7 +212,7 @@ def fixed_validation_loss(
     unet: Any,
     noise_scheduler: Any,
     latents: torch.Tensor,
-    embeddings: torch.Tensor,
+    embeddings: torch.Tensor | dict[str, torch.Tensor],
     n_timesteps: int,
     seed: int,
     batch_size: int = 32,
@@ -128,7 +221,9 @@ def fixed_validation_loss(
 
     The noise comes from a CPU generator seeded with `seed`, drawn in one go for all (timestep, sample) pairs, so the
     same held-out set gives the same numbers for every model, step and run; differences are due to the model alone.
+    `embeddings` is the text states (N, 77, D), or the conditioning dict of `encode_conditioning` (SDXL).
     """
+    cond = embeddings if isinstance(embeddings, dict) else {"emb": embeddings}
     n_train = noise_scheduler.config.num_train_timesteps
     # Midpoints of n equal bins over [0, T): covers the whole noise range, including the hard, low-noise end.
     timesteps = ((torch.arange(n_timesteps) + 0.5) * n_train / n_timesteps).long()
@@ -143,9 +238,8 @@ def fixed_validation_loss(
             t = torch.full((len(x0),), int(t_value), dtype=torch.long)
             noisy = noise_scheduler.add_noise(x0, eps, t)
             target = diffusion_target(noise_scheduler, x0, eps, t)
-            pred = unet(
-                noisy.to(device, dtype), t.to(device), embeddings[start : start + batch_size].to(device, dtype)
-            ).sample
+            batch_cond = {k: v[start : start + batch_size].to(device, dtype) for k, v in cond.items()}
+            pred = predict(unet, noisy.to(device, dtype), t.to(device), batch_cond)
             per_sample = F.mse_loss(pred.float().cpu(), target, reduction="none").mean(dim=(1, 2, 3))
             losses[start : start + batch_size] += per_sample / n_timesteps
     return losses

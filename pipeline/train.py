@@ -1,18 +1,26 @@
-"""Stage `train`: LoRA fine-tuning of the UNet, with fixed-noise validation and early stopping.
+"""Stage `train`: fine-tune Stable Diffusion (LoRA or full), with fixed-noise validation, early stopping and resumable
+checkpoints.
 
-Core: `train(components, train_split, val_split, params) -> TrainResult` (values in, values out).
+Core: `train(components, train_split, val_split, params, ...) -> TrainResult` (values in, values out).
 CLI: `python -m pipeline.train --params params.yaml --prepared data/prepared --out models/adapter
---report reports/train`.
+--report reports/train [--checkpoints models/checkpoints] [--class-images models/class_images]`.
+
+Randomness: one CPU generator, seeded with `train.seed`, draws everything of an optimizer step at once for the whole
+effective batch (all processes, all micro-batches): batch indices, noise, timesteps, caption dropout. So gradient
+accumulation and data parallelism change memory and speed, not the numbers, and a resumed run replays exactly.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import dataclasses
 import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,21 +29,25 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pipeline import env
-from pipeline.config import ParamsError, TrainParams, load_params, resolve_model
+from pipeline import checkpoint, env
+from pipeline.config import Params, ParamsError, TrainParams, load_params, resolve_model
 from pipeline.diffusion import (
     Components,
     Split,
     diffusion_target,
+    encode_conditioning,
     encode_images,
-    encode_text,
     fixed_validation_loss,
     load_components,
+    predict,
     read_split,
+    text_conditioning,
+    tokenize,
 )
 from pipeline.tracking import LiveLog
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP text encoder attention
 
 
 class NonFiniteLoss(RuntimeError):
@@ -44,14 +56,22 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclass
 class TrainResult:
-    lora_state: dict[str, torch.Tensor]  # the best adapter (lowest validation loss), PEFT key names
+    models: dict[str, Any]  # the trained models ("unet", "text_encoder", ...) holding the best weights
+    method: str  # "lora" or "full"
     best_step: int
     best_val_loss: float
     initial_val_loss: float
     steps: int
     stop_reason: str
+    parameters: dict[str, Any] = field(default_factory=dict)  # trainable and frozen counts
+    resumed_from_step: int | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     cost: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        """The UNet's LoRA weights (PEFT key names); only for method lora."""
+        return lora_state_dict(self.models["unet"])
 
 
 def pick_mixed_precision(setting: str) -> str:
@@ -63,162 +83,637 @@ def pick_mixed_precision(setting: str) -> str:
     return "no"
 
 
-def add_lora(unet: Any, params: TrainParams) -> list[torch.nn.Parameter]:
-    """Attach a LoRA adapter to the UNet's target modules; only its weights train, kept in fp32."""
+# --- what trains -------------------------------------------------------------------------------------------------
+
+
+def add_lora(model: Any, params: TrainParams, targets: list[str]) -> None:
+    """Attach a LoRA adapter to `targets`; B starts at zero, so the adapted model equals the base model at step 0."""
     from peft import LoraConfig
 
-    unet.add_adapter(
+    model.add_adapter(
         LoraConfig(
             r=params.lora_rank,
             lora_alpha=params.lora_alpha,
             lora_dropout=params.lora_dropout,
             init_lora_weights="gaussian",
-            target_modules=list(params.target_modules),
+            target_modules=targets,
         )
     )
-    trainable = [p for p in unet.parameters() if p.requires_grad]
-    for p in trainable:
+
+
+def lora_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def select_trainable(components: Components, params: TrainParams) -> dict[str, torch.nn.Parameter]:
+    """Freeze every model, then adapt (LoRA) or unfreeze (full) exactly what `params` says; trained weights in fp32.
+
+    Returns the trained parameters by qualified name ("unet.<name>", "text_encoder.<name>", ...).
+    """
+    models = {"unet": components.unet, "text_encoder": components.text_encoder}
+    if components.is_sdxl:
+        models["text_encoder_2"] = components.text_encoder_2
+    for model in (*models.values(), components.vae):
+        model.requires_grad_(False)
+    text_names = [name for name in models if name != "unet"] if params.train_text_encoder else []
+    if params.method == "lora":
+        add_lora(components.unet, params, params.lora_target_modules)
+        for name in text_names:
+            try:
+                add_lora(models[name], params, TEXT_LORA_TARGETS)
+            except ValueError as exc:
+                if "version of PEFT" not in str(exc):
+                    raise
+                # transformers >= 5 attaches (and diffusers' `load_lora_weights` loads) text-encoder LoRA only with
+                # peft >= 0.22; training one here would give an adapter that evaluate could not load.
+                raise ParamsError(
+                    f"train.train_text_encoder with method lora needs a newer peft: {exc}. Upgrade peft, or use "
+                    "method: full (the text encoder is then saved whole), or set train_text_encoder: false."
+                ) from None
+    else:
+        patterns = params.train_blocks
+        matched = [
+            p.requires_grad_(True)
+            for n, p in components.unet.named_parameters()
+            if not patterns or any(n == pat or n.startswith(pat.rstrip(".") + ".") for pat in patterns)
+        ]
+        if not matched:
+            raise ParamsError(
+                f"train.train_blocks {patterns} matches no UNet parameter; use name prefixes such as "
+                "down_blocks.0, mid_block, up_blocks.1 (or [] for the whole UNet)."
+            )
+        for name in text_names:
+            models[name].requires_grad_(True)
+    trainable = {
+        f"{model_name}.{n}": p for model_name, m in models.items() for n, p in m.named_parameters() if p.requires_grad
+    }
+    for p in trainable.values():
         p.data = p.data.float()
     return trainable
 
 
-def lora_state_dict(unet: Any) -> dict[str, torch.Tensor]:
-    from peft.utils import get_peft_model_state_dict
+def parameter_counts(components: Components) -> dict[str, Any]:
+    per_model = {}
+    for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        model = getattr(components, name)
+        if model is not None:
+            n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            per_model[name] = {"trainable": n_train, "frozen": sum(p.numel() for p in model.parameters()) - n_train}
+    return {
+        "trainable": sum(v["trainable"] for v in per_model.values()),
+        "frozen": sum(v["frozen"] for v in per_model.values()),
+        "per_model": per_model,
+    }
 
-    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(unet).items()}
+
+def describe_counts(counts: dict[str, Any], method: str) -> str:
+    share = 100 * counts["trainable"] / (counts["trainable"] + counts["frozen"])
+    per_model = ", ".join(
+        f"{k} {v['trainable']:,}/{v['trainable'] + v['frozen']:,}" for k, v in counts["per_model"].items()
+    )
+    return (
+        f"trainable parameters ({method}): {counts['trainable']:,}, frozen: {counts['frozen']:,} "
+        f"({share:.2f}% trains); "
+        f"{per_model}"
+    )
 
 
-def train(components: Components, train_split: Split, val_split: Split, params: TrainParams) -> TrainResult:
-    """Fine-tune a LoRA on the UNet; return the adapter with the lowest held-out validation loss."""
+def make_optimizer(trainable: dict[str, torch.nn.Parameter], params: TrainParams) -> torch.optim.Optimizer:
+    """AdamW with decoupled weight decay; the text encoder(s) get their own learning rate."""
+    unet = [p for n, p in trainable.items() if n.startswith("unet.")]
+    text = [p for n, p in trainable.items() if not n.startswith("unet.")]
+    groups = [{"params": unet, "lr": params.learning_rate}]
+    if text:
+        lr = params.text_encoder_lr if params.text_encoder_lr is not None else params.learning_rate
+        groups.append({"params": text, "lr": lr})
+    if params.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ParamsError(
+                "train.optimizer is adamw8bit but bitsandbytes is not installed (it needs a CUDA GPU): "
+                "`pip install bitsandbytes`, or set train.optimizer to adamw or adamw_fused."
+            ) from None
+        return bnb.optim.AdamW8bit(groups, lr=params.learning_rate, weight_decay=params.weight_decay)
+    fused = True if params.optimizer == "adamw_fused" else None
+    return torch.optim.AdamW(groups, lr=params.learning_rate, weight_decay=params.weight_decay, fused=fused)
+
+
+class EMA:
+    """Exponential moving average of the trained weights (Polyak averaging), validated and saved instead of them.
+
+    The decay warms up as min(decay, (1 + step) / (10 + step)), as diffusers' EMAModel, so a short run is not held
+    at its initial weights.
+    """
+
+    def __init__(self, trainable: dict[str, torch.nn.Parameter], decay: float) -> None:
+        self.decay = decay
+        self.shadow = {n: p.detach().clone() for n, p in trainable.items()}
+
+    @torch.no_grad()
+    def update(self, trainable: dict[str, torch.nn.Parameter], step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for n, p in trainable.items():
+            self.shadow[n].lerp_(p.detach(), 1 - decay)
+
+    @contextlib.contextmanager
+    def applied(self, trainable: dict[str, torch.nn.Parameter]) -> Iterator[None]:
+        """Swap the averaged weights in (for validation or a snapshot), then the live ones back."""
+        live = {n: p.detach().clone() for n, p in trainable.items()}
+        with torch.no_grad():
+            for n, p in trainable.items():
+                p.copy_(self.shadow[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in trainable.items():
+                    p.copy_(live[n])
+
+
+# --- the data ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainData:
+    """Cached inputs. Rows [0, n_instance) are the training images; after them, the prior-preservation class images."""
+
+    latents: torch.Tensor  # (N, 4, H/8, W/8) VAE means, scaled
+    n_instance: int
+    cond: dict[str, torch.Tensor] | None  # frozen text conditioning per row; None when a text encoder trains
+    tokens: dict[str, torch.Tensor]  # token ids per row (encoded every step when a text encoder trains)
+    empty_cond: dict[str, torch.Tensor] | None  # the empty prompt's conditioning (caption dropout)
+    empty_tokens: dict[str, torch.Tensor]
+    time_ids: torch.Tensor | None  # SDXL size/crop ids per row
+    val_latents: torch.Tensor
+    val_cond: dict[str, torch.Tensor] | None
+    val_captions: list[str]
+
+
+def encode_data(
+    components: Components,
+    train_split: Split,
+    val_split: Split,
+    class_split: Split | None,
+    cache_text: bool,
+    device: torch.device,
+) -> TrainData:
+    """Encode images once (the VAE is frozen), and captions once too unless a text encoder trains."""
+    images, captions = list(train_split.images), list(train_split.captions)
+    if class_split is not None:
+        images += class_split.images
+        captions += class_split.captions
+    resolution = train_split.images[0].height
+    cond = encode_conditioning(components, captions, resolution) if cache_text else None
+    empty = encode_conditioning(components, [""], resolution) if cache_text else None
+    time_ids = encode_conditioning(components, [""] * len(captions), resolution).get("time_ids")
+    return TrainData(
+        latents=encode_images(components.vae, images).to(device),
+        n_instance=len(train_split.images),
+        cond={k: v.to(device) for k, v in cond.items()} if cond else None,
+        tokens=tokenize(components, captions),
+        empty_cond={k: v.to(device) for k, v in empty.items()} if empty else None,
+        empty_tokens=tokenize(components, [""]),
+        time_ids=time_ids.to(device) if time_ids is not None else None,
+        val_latents=encode_images(components.vae, val_split.images),
+        val_cond=encode_conditioning(components, val_split.captions, resolution) if cache_text else None,
+        val_captions=list(val_split.captions),
+    )
+
+
+@dataclass
+class LoopState:
+    """Everything the loop carries from step to step; a checkpoint stores exactly this (plus weights and RNGs)."""
+
+    step: int = 0
+    best: float = math.inf
+    best_step: int = 0
+    bad_checks: int = 0
+    initial: float = math.nan
+    images_seen: int = 0
+    seconds: float = 0.0
+    stop_reason: str = ""
+    history: list[dict[str, float]] = field(default_factory=list)
+    order: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    class_order: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+
+
+def _take(state: LoopState, attr: str, n: int, population: int, generator: torch.Generator) -> torch.Tensor:
+    """The next `n` indices of a seeded epoch permutation, refilled with a fresh one when it runs short."""
+    order = getattr(state, attr)
+    while len(order) < n:
+        order = torch.cat([order, torch.randperm(population, generator=generator)])
+    setattr(state, attr, order[n:])
+    return order[:n]
+
+
+def draw_step(
+    state: LoopState, data: TrainData, params: TrainParams, rows: int, generator: torch.Generator, n_timesteps: int
+) -> dict[str, torch.Tensor]:
+    """All the randomness of one optimizer step, for `rows` training images (and as many class images)."""
+    idx = _take(state, "order", rows, data.n_instance, generator)
+    is_prior = torch.zeros(rows, dtype=torch.bool)
+    if params.prior_preservation.enabled:
+        n_class = len(data.latents) - data.n_instance
+        class_idx = _take(state, "class_order", rows, n_class, generator) + data.n_instance
+        # Interleaved (instance, class, instance, class, ...): every micro-batch holds as many of each.
+        idx = torch.stack([idx, class_idx], dim=1).flatten()
+        is_prior = torch.stack([is_prior, torch.ones(rows, dtype=torch.bool)], dim=1).flatten()
+    shape = (len(idx), *data.latents.shape[1:])
+    draw = {"idx": idx, "is_prior": is_prior, "noise": torch.randn(shape, generator=generator)}
+    if params.noise_offset:
+        draw["offset"] = torch.randn((*shape[:2], 1, 1), generator=generator)
+    if params.input_perturbation:
+        draw["perturbation"] = torch.randn(shape, generator=generator)
+    draw["t"] = torch.randint(0, n_timesteps, (len(idx),), generator=generator)
+    if params.caption_dropout:
+        draw["drop"] = torch.rand(len(idx), generator=generator) < params.caption_dropout
+    return draw
+
+
+def apply_speed_settings(unet: Any, text_models: list[Any], params: TrainParams) -> None:
+    if params.gradient_checkpointing:  # recompute activations in backward instead of keeping them
+        unet.enable_gradient_checkpointing()
+        for model in text_models:
+            model.gradient_checkpointing_enable()
+    if params.channels_last:
+        unet.to(memory_format=torch.channels_last)
+
+
+def micro_batches(draw: dict[str, torch.Tensor], n_micro: int, rank: int, n_proc: int) -> Iterator[dict]:
+    """This process's share of each micro-batch: micro-batch m of process r is chunk m * n_proc + r."""
+    chunks = n_micro * n_proc
+    size = len(draw["idx"]) // chunks
+    for m in range(n_micro):
+        start = (m * n_proc + rank) * size
+        yield {k: v[start : start + size] for k, v in draw.items()}
+
+
+def batch_conditioning(
+    components: Components, data: TrainData, rows: dict[str, torch.Tensor], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Text conditioning of a micro-batch: cached, or encoded now when a text encoder trains.
+
+    Caption dropout replaces a caption by the empty prompt, which teaches the unconditional prediction that
+    classifier-free guidance subtracts.
+    """
+    idx, drop = rows["idx"], rows.get("drop")
+    if data.cond is not None:
+        cond = {k: v[idx.to(v.device)] for k, v in data.cond.items() if k != "time_ids"}
+        if drop is not None:
+            for k, v in cond.items():
+                mask = drop.to(v.device).view(-1, *[1] * (v.dim() - 1))
+                cond[k] = torch.where(mask, data.empty_cond[k].to(v.dtype), v)
+    else:
+        tokens = {k: v[idx] for k, v in data.tokens.items()}
+        if drop is not None:
+            tokens = {k: torch.where(drop[:, None], data.empty_tokens[k], v) for k, v in tokens.items()}
+        cond = text_conditioning(components, tokens)
+    if data.time_ids is not None:
+        cond["time_ids"] = data.time_ids[idx.to(data.time_ids.device)]
+    return {k: v.to(device) for k, v in cond.items()}
+
+
+def accumulate_gradients(
+    components: Components,
+    data: TrainData,
+    scheduler: Any,
+    draw: dict[str, torch.Tensor],
+    params: TrainParams,
+    accelerator: Any,
+    loss_scale: float,
+) -> torch.Tensor:
+    """Forward and backward over this process's micro-batches of one optimizer step; returns its loss (no sync)."""
+    step_loss = torch.zeros((), device=accelerator.device)
+    micro = list(
+        micro_batches(draw, params.gradient_accumulation_steps, accelerator.process_index, accelerator.num_processes)
+    )
+    trained = [m for m in (components.unet, components.text_encoder, components.text_encoder_2) if _is_wrapped(m)]
+    for m, rows in enumerate(micro):
+        latents = data.latents[rows["idx"].to(data.latents.device)]  # (b, 4, H/8, W/8)
+        noise = rows["noise"].to(latents.device)
+        if params.noise_offset:
+            # Offset noise (Guttenberg 2023): a per-channel constant lets the model shift overall brightness.
+            noise = noise + params.noise_offset * rows["offset"].to(latents.device)
+        t = rows["t"].to(latents.device)
+        # Input perturbation (Ning et al. 2023): the input is noised with slightly perturbed noise while the target
+        # keeps the clean noise, mimicking the prediction errors the model meets at sampling time.
+        input_noise = noise
+        if params.input_perturbation:
+            input_noise = noise + params.input_perturbation * rows["perturbation"].to(latents.device)
+        noisy = scheduler.add_noise(latents, input_noise, t)
+        target = diffusion_target(scheduler, latents, noise, t)  # noise (epsilon) or velocity (v-prediction)
+        if params.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        # DDP: average gradients across processes only on the step's last micro-batch.
+        syncing = contextlib.ExitStack()
+        if m < len(micro) - 1:
+            for model in trained:
+                syncing.enter_context(accelerator.no_sync(model))
+        with syncing, accelerator.autocast():
+            cond = batch_conditioning(components, data, rows, accelerator.device)  # (b, 77, D) text states
+            pred = predict(components.unet, noisy, t, cond)
+            per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (b,)
+            weights = loss_weights(scheduler, rows["t"], rows["is_prior"], params).to(per_sample.device)
+            loss = (per_sample * weights).sum() * loss_scale
+            accelerator.backward(loss)
+        step_loss += loss.detach()
+    return step_loss
+
+
+def _is_wrapped(model: Any) -> bool:
+    """A model accelerate prepared for training (DDP-wrapped, or with trainable parameters on one process)."""
+    return model is not None and any(p.requires_grad for p in model.parameters())
+
+
+def loss_weights(scheduler: Any, t: torch.Tensor, is_prior: torch.Tensor, params: TrainParams) -> torch.Tensor:
+    """Per-sample loss weight: min-SNR-gamma (Hang et al. 2023) times the prior-preservation weight."""
+    weight = torch.ones(len(t))
+    if params.snr_gamma is not None:
+        alphas_cumprod = scheduler.alphas_cumprod[t]
+        snr = alphas_cumprod / (1 - alphas_cumprod)
+        clipped = snr.clamp(max=params.snr_gamma)
+        # The paper's weight min(SNR, gamma) is for a loss on x0. An epsilon loss is SNR times smaller, so it becomes
+        # min(SNR, gamma) / SNR; a v loss is (SNR + 1) times smaller, so min(SNR, gamma) / (SNR + 1).
+        weight = clipped / snr if scheduler.config.prediction_type == "epsilon" else clipped / (snr + 1)
+    return torch.where(is_prior, weight * params.prior_preservation.prior_loss_weight, weight)
+
+
+# --- the loop ----------------------------------------------------------------------------------------------------
+
+
+def train(
+    components: Components,
+    train_split: Split,
+    val_split: Split,
+    params: TrainParams,
+    *,
+    class_split: Split | None = None,
+    checkpoints: Path | None = None,
+    fingerprint: str = "",
+) -> TrainResult:
+    """Fine-tune the UNet (and optionally the text encoders); return the models holding the weights with the lowest
+    held-out validation loss. With `checkpoints`, save resumable state there and resume from a matching checkpoint.
+    """
     from accelerate import Accelerator
+    from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
     torch.manual_seed(params.seed)
-    accelerator = Accelerator(mixed_precision=pick_mixed_precision(params.mixed_precision), cpu=False)
-    unet = components.unet
-    trainable = add_lora(unet, params)
-    n_trainable = sum(p.numel() for p in trainable)
-    n_total = sum(p.numel() for p in unet.parameters())
-    print(f"trainable parameters: {n_trainable:,} of {n_total:,} in the UNet ({100 * n_trainable / n_total:.2f}%)")
-
-    # The VAE and text encoder are frozen, so encode every image and caption once instead of every step.
+    accelerator = Accelerator(mixed_precision=pick_mixed_precision(params.mixed_precision))
+    trainable = select_trainable(components, params)
+    counts = parameter_counts(components)
+    print(describe_counts(counts, params.method))
+    text_trains = params.train_text_encoder
     t0 = time.perf_counter()
-    train_latents = encode_images(components.vae, train_split.images)
-    train_emb = encode_text(components.tokenizer, components.text_encoder, train_split.captions)
-    val_latents = encode_images(components.vae, val_split.images)
-    val_emb = encode_text(components.tokenizer, components.text_encoder, val_split.captions)
+    data = encode_data(components, train_split, val_split, class_split, not text_trains, accelerator.device)
     encode_seconds = time.perf_counter() - t0
 
-    optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=params.weight_decay)
+    scheduler = DDPMScheduler.from_config(
+        components.noise_scheduler.config,
+        **({"prediction_type": params.prediction_type} if params.prediction_type else {}),
+    )
+    unet = components.unet
+    text_models = components.text_encoders if text_trains else []
+    apply_speed_settings(unet, text_models, params)
+    optimizer = make_optimizer(trainable, params)
+    # Stepped by hand once per optimizer step (accelerate's wrapper would step it once per process).
     lr_scheduler = get_scheduler(
         params.lr_scheduler,
         optimizer=optimizer,
         num_warmup_steps=params.lr_warmup_steps,
         num_training_steps=max(params.max_steps, 1),
     )
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    scheduler = components.noise_scheduler
-    n_train_timesteps = scheduler.config.num_train_timesteps
+    prepared = accelerator.prepare(unet, *text_models, optimizer)
+    wrapped, optimizer = prepared[:-1], prepared[-1]
+    # The step runs the wrapped models (DDP needs its wrapper's forward to average gradients).
+    step_components = dataclasses.replace(
+        components, **dict(zip(("unet", "text_encoder", "text_encoder_2"), wrapped, strict=False))
+    )
+    if params.compile:
+        step_components.unet = torch.compile(step_components.unet)
+    ema = EMA(trainable, params.ema_decay) if params.ema_decay else None
     generator = torch.Generator("cpu").manual_seed(params.seed)
-    live = LiveLog()
+    n_proc = accelerator.num_processes
+    rows_per_step = params.batch_size * params.gradient_accumulation_steps * n_proc
+    # Each process back-propagates its share of sum(weight * loss) / rows_per_step; DDP averages over processes.
+    loss_scale = n_proc / rows_per_step
 
     def validate() -> float:
-        unet.eval()
-        loss = fixed_validation_loss(
-            accelerator.unwrap_model(unet),
-            scheduler,
-            val_latents,
-            val_emb,
-            n_timesteps=params.validation_timesteps,
-            seed=params.seed,
+        with ema.applied(trainable) if ema else contextlib.nullcontext():
+            for model in (unet, *text_models):
+                model.eval()
+            val_cond = data.val_cond
+            if val_cond is None:
+                val_cond = encode_conditioning(components, data.val_captions, train_split.images[0].height)
+            loss = fixed_validation_loss(
+                unet, scheduler, data.val_latents, val_cond, params.validation_timesteps, params.seed
+            )
+            for model in (unet, *text_models):
+                model.train()
+            return float(loss.mean())
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        source = ema.shadow if ema else trainable
+        return {n: p.detach().cpu().clone() for n, p in source.items()}
+
+    state, best_weights = LoopState(), {}
+    if checkpoints is not None:
+        state, best_weights = resume(
+            checkpoints, fingerprint, trainable, optimizer, lr_scheduler, ema, generator, accelerator
         )
-        unet.train()
-        return float(loss.mean())
-
-    initial = best = validate()
-    best_step, best_state, bad_checks = 0, lora_state_dict(accelerator.unwrap_model(unet)), 0
-    history: list[dict[str, float]] = [{"step": 0, "val_loss": initial}]
-    stop_reason = f"reached train.max_steps={params.max_steps}"
-    order = torch.empty(0, dtype=torch.long)
-    images_seen, step = 0, 0
-    start = time.perf_counter()
-    unet.train()
-    bar = tqdm(total=params.max_steps, desc="train", unit="step", mininterval=2, disable=params.max_steps == 0)
-    for step in range(1, params.max_steps + 1):
-        if len(order) < params.batch_size:  # a new epoch: a fresh seeded permutation
-            order = torch.cat([order, torch.randperm(len(train_latents), generator=generator)])
-        idx, order = order[: params.batch_size], order[params.batch_size :]
-        latents, emb = train_latents[idx], train_emb[idx]
-
-        noise = torch.randn(latents.shape, generator=generator)
-        if params.noise_offset:
-            # Offset noise (Guttenberg, 2023): a per-channel constant lets the model shift overall brightness.
-            noise += params.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
-        t = torch.randint(0, n_train_timesteps, (len(latents),), generator=generator)
-        noisy = scheduler.add_noise(latents, noise, t)
-        target = diffusion_target(scheduler, latents, noise, t)
-
-        with accelerator.autocast():
-            pred = unet(noisy.to(accelerator.device), t.to(accelerator.device), emb.to(accelerator.device)).sample
-        loss = F.mse_loss(pred.float(), target.to(accelerator.device).float())
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(trainable, params.max_grad_norm)
+    resumed_from = state.step or None
+    if not resumed_from:
+        state.initial = state.best = validate()
+        best_weights = snapshot()
+        state.history.append({"step": 0, "val_loss": state.initial})
+    live = LiveLog()
+    losses = torch.zeros(params.log_every, device=accelerator.device)  # per-step losses since the last host sync
+    pending: list[dict[str, float]] = []
+    start = time.perf_counter() - state.seconds
+    for model in (unet, *text_models):
+        model.train()
+    bar = tqdm(total=params.max_steps, initial=state.step, desc="train", unit="step", mininterval=2)
+    for step in range(state.step + 1, params.max_steps + 1):
+        if state.stop_reason:
+            break
+        draw = draw_step(state, data, params, rows_per_step, generator, scheduler.config.num_train_timesteps)
+        step_loss = accumulate_gradients(step_components, data, scheduler, draw, params, accelerator, loss_scale)
+        accelerator.clip_grad_norm_(list(trainable.values()), params.max_grad_norm)
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-
-        loss_value = loss.detach().item()
-        if not math.isfinite(loss_value):
-            raise NonFiniteLoss(
-                f"training loss is {loss_value} at step {step}; the best adapter so far is from step {best_step}. "
-                "Lower train.learning_rate or set train.max_grad_norm; this run will not be promoted."
-            )
-        images_seen += len(latents)
-        elapsed = time.perf_counter() - start
-        record: dict[str, float] = {"step": step, "train_loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}
-        bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{images_seen / elapsed:.1f}")
+        if ema:
+            ema.update(trainable, step)
+        losses[len(pending)] = step_loss
+        state.step, state.images_seen = step, state.images_seen + len(draw["idx"])
+        record: dict[str, float] = {"step": step, "lr": lr_scheduler.get_last_lr()[0]}
+        pending.append(record)
+        state.history.append(record)
         bar.update()
 
-        if step % params.validation_every == 0 or step == params.max_steps:
+        validating = step % params.validation_every == 0 or step == params.max_steps
+        saving = checkpoints is not None and params.checkpoint_every and step % params.checkpoint_every == 0
+        if validating or saving or len(pending) == params.log_every:
+            sync_losses(pending, losses, accelerator, live, state, start, bar)
+        if validating:
             record["val_loss"] = val = validate()
-            if val < best - params.early_stopping_min_delta:
-                best, best_step, bad_checks = val, step, 0
-                best_state = lora_state_dict(accelerator.unwrap_model(unet))
-            else:
-                bad_checks += 1
-        history.append(record)
-        live.metrics(
-            {f"train.{k}": v for k, v in record.items() if k != "step"} | {"train.images_per_s": images_seen / elapsed},
-            step,
-        )
-        if params.early_stopping_patience and bad_checks >= params.early_stopping_patience:
-            stop_reason = (
-                f"early stop at step {step}: validation loss did not improve by more than "
-                f"{params.early_stopping_min_delta} for {bad_checks} checks (patience {params.early_stopping_patience})"
-            )
-            break
+            live.metrics({"train.val_loss": val}, step)
+            if track_validation(state, step, val, params):
+                best_weights = snapshot()
+        if saving:
+            state.seconds = time.perf_counter() - start
+            if accelerator.is_main_process:
+                save_checkpoint(
+                    checkpoints, fingerprint, params, state, trainable, best_weights, optimizer, lr_scheduler, ema,
+                    generator,
+                )  # fmt: skip
+            accelerator.wait_for_everyone()
+    sync_losses(pending, losses, accelerator, live, state, start, bar)
     bar.close()
     live.flush()
 
+    load_weights(trainable, best_weights)
     seconds = time.perf_counter() - start
-    cost = {
-        "train_seconds": round(seconds, 3),
-        "encode_seconds": round(encode_seconds, 3),
-        "images_seen": images_seen,
-        "images_per_s": round(images_seen / seconds, 3) if seconds > 0 and images_seen else 0.0,
-        "peak_memory_mb": round(_peak_memory_mb(), 1),
-        "trainable_parameters": n_trainable,
-    }
     return TrainResult(
-        lora_state=best_state,
-        best_step=best_step,
-        best_val_loss=best,
-        initial_val_loss=initial,
-        steps=step if params.max_steps else 0,
-        stop_reason=stop_reason,
-        history=history,
-        cost=cost,
+        models={name: accelerator.unwrap_model(m) for name, m in trained_models(components, trainable).items()},
+        method=params.method,
+        best_step=state.best_step,
+        best_val_loss=state.best,
+        initial_val_loss=state.initial,
+        steps=state.step,
+        stop_reason=state.stop_reason or f"reached train.max_steps={params.max_steps}",
+        parameters=counts,
+        resumed_from_step=resumed_from,
+        history=state.history,
+        cost={
+            "train_seconds": round(seconds, 3),
+            "encode_seconds": round(encode_seconds, 3),
+            "images_seen": state.images_seen,
+            "images_per_s": round(state.images_seen / seconds, 3) if seconds > 0 and state.images_seen else 0.0,
+            "effective_batch_size": rows_per_step,
+            "processes": n_proc,
+            "peak_memory_mb": round(_peak_memory_mb(), 1),
+            "trainable_parameters": counts["trainable"],
+        },
     )
+
+
+def track_validation(state: LoopState, step: int, val: float, params: TrainParams) -> bool:
+    """Update the best loss and the early-stopping counter; True when `val` is a new best."""
+    if val < state.best - params.early_stopping_min_delta:
+        state.best, state.best_step, state.bad_checks = val, step, 0
+        return True
+    state.bad_checks += 1
+    if params.early_stopping_patience and state.bad_checks >= params.early_stopping_patience:
+        state.stop_reason = (
+            f"early stop at step {step}: validation loss did not improve by more than "
+            f"{params.early_stopping_min_delta} for {state.bad_checks} checks "
+            f"(patience {params.early_stopping_patience})"
+        )
+    return False
+
+
+def sync_losses(
+    pending: list[dict[str, float]],
+    losses: torch.Tensor,
+    accelerator: Any,
+    live: LiveLog,
+    state: LoopState,
+    start: float,
+    bar: Any,
+) -> None:
+    """Copy the losses of the pending steps to the host in one transfer (not one sync per step); stop on NaN/inf."""
+    if not pending:
+        return
+    values = accelerator.reduce(losses[: len(pending)].clone(), "mean").tolist()
+    for record, value in zip(pending, values, strict=True):
+        if not math.isfinite(value):
+            raise NonFiniteLoss(
+                f"training loss is {value} at step {int(record['step'])}; the best weights so far are from step "
+                f"{state.best_step}. Lower train.learning_rate or set train.max_grad_norm; this run will not be "
+                "promoted."
+            )
+        record["train_loss"] = value
+    elapsed = time.perf_counter() - start
+    rate = state.images_seen / elapsed if elapsed > 0 else 0.0
+    for record in pending:
+        live.metrics({f"train.{k}": v for k, v in record.items() if k != "step"}, int(record["step"]))
+    live.metrics({"train.images_per_s": rate}, int(pending[-1]["step"]))
+    bar.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{rate:.1f}")
+    pending.clear()
+
+
+def trained_models(components: Components, trainable: dict[str, torch.nn.Parameter]) -> dict[str, Any]:
+    names = {n.split(".", 1)[0] for n in trainable}
+    return {name: getattr(components, name) for name in ("unet", "text_encoder", "text_encoder_2") if name in names}
+
+
+@torch.no_grad()
+def load_weights(trainable: dict[str, torch.nn.Parameter], weights: dict[str, torch.Tensor]) -> None:
+    for n, p in trainable.items():
+        p.copy_(weights[n])
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    folder: Path,
+    fingerprint: str,
+    params: TrainParams,
+    state: LoopState,
+    trainable: dict[str, torch.nn.Parameter],
+    best_weights: dict[str, torch.Tensor],
+    optimizer: Any,
+    lr_scheduler: Any,
+    ema: EMA | None,
+    generator: torch.Generator,
+) -> Path:
+    opt_tensors, opt_meta = checkpoint.flatten_optimizer(optimizer.state_dict())
+    rng_tensors, rng_meta = checkpoint.rng_state(generator)
+    tensors = {f"weights.{n}": p for n, p in trainable.items()}
+    tensors |= {f"best.{n}": w for n, w in best_weights.items()}
+    tensors |= {f"ema.{n}": w for n, w in ema.shadow.items()} if ema else {}
+    tensors |= opt_tensors | rng_tensors | {"order": state.order, "class_order": state.class_order}
+    meta = {k: v for k, v in asdict(state).items() if k not in ("order", "class_order")}
+    meta |= {"optimizer": opt_meta, "lr_scheduler": lr_scheduler.state_dict(), "rng": rng_meta}
+    return checkpoint.save(folder, state.step, tensors, meta, params.checkpoints_total_limit, fingerprint)
+
+
+def resume(
+    folder: Path,
+    fingerprint: str,
+    trainable: dict[str, torch.nn.Parameter],
+    optimizer: Any,
+    lr_scheduler: Any,
+    ema: EMA | None,
+    generator: torch.Generator,
+    accelerator: Any,
+) -> tuple[LoopState, dict[str, torch.Tensor]]:
+    """Restore the newest checkpoint of this run from `folder`, or say why the run starts fresh."""
+    path, reason = checkpoint.find_resumable(folder, fingerprint)
+    if path is None:
+        print(f"starting fresh: {reason}")
+        if accelerator.is_main_process and checkpoint.step_dirs(folder):
+            checkpoint.clear(folder)  # another run's state: it would be rotated out or, worse, resumed later
+        accelerator.wait_for_everyone()
+        return LoopState(), {}
+    ckpt = checkpoint.load(path)
+    tensors, meta = ckpt.tensors, ckpt.state
+    load_weights(trainable, {n: tensors[f"weights.{n}"] for n in trainable})
+    optimizer.load_state_dict(checkpoint.unflatten_optimizer(tensors, meta["optimizer"]))
+    lr_scheduler.load_state_dict(meta["lr_scheduler"])
+    if ema:
+        ema.shadow = {n: tensors[f"ema.{n}"].to(p.device) for n, p in trainable.items()}
+    checkpoint.set_rng_state(generator, tensors, meta["rng"])
+    fields = {f.name for f in dataclasses.fields(LoopState)}
+    state = LoopState(**{k: v for k, v in meta.items() if k in fields})
+    state.order, state.class_order = tensors["order"], tensors["class_order"]
+    print(f"resumed from {path} (step {state.step})")
+    return state, {n: tensors[f"best.{n}"] for n in trainable}
 
 
 def _peak_memory_mb() -> float:
@@ -229,31 +724,82 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def save_adapter(lora_state: dict[str, torch.Tensor], out: Path) -> Path:
-    """Write the adapter in the diffusers LoRA format (`load_lora_weights` reads it), atomically."""
+# --- outputs -----------------------------------------------------------------------------------------------------
+
+
+def save_adapter(result: TrainResult, out: Path) -> Path:
+    """Write what was trained, atomically.
+
+    LoRA: the diffusers LoRA format (`load_lora_weights` reads it), with the LoRA config (rank, alpha) in the
+    safetensors header so alpha != rank loads with the right scale. Full: the changed sub-models in the diffusers
+    layout (`unet/`, `text_encoder/`, ...), each loadable with `from_pretrained(out, subfolder=...)`.
+    """
     import shutil
 
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    StableDiffusionPipeline.save_lora_weights(
-        partial, unet_lora_layers=convert_state_dict_to_diffusers(lora_state), safe_serialization=True
-    )
+    if result.method == "lora":
+        layers, metadata = {}, {}
+        for name, model in result.models.items():
+            # PEFT key names (lora_A/lora_B), which `load_lora_weights` reads as they are. diffusers'
+            # `convert_state_dict_to_diffusers` renames only the attention keys, and a file mixing both namings
+            # loads wrongly once LoRA also targets feed-forward or conv layers.
+            layers[f"{name}_lora_layers"] = lora_state_dict(model)
+            metadata[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
+        # Only SDXL's writer knows `text_encoder_2`; both write the same keys otherwise.
+        pipeline_class = StableDiffusionXLPipeline if "text_encoder_2" in result.models else StableDiffusionPipeline
+        pipeline_class.save_lora_weights(partial, **layers, **metadata, safe_serialization=True)
+    else:
+        for name, model in result.models.items():
+            model.save_pretrained(partial / name, safe_serialization=True)
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)
-    return out / ADAPTER_FILE
+    return out / ADAPTER_FILE if result.method == "lora" else out
 
 
 def write_reports(result: TrainResult, report_dir: Path) -> None:
     report_dir.mkdir(parents=True, exist_ok=True)
-    summary = {k: v for k, v in asdict(result).items() if k not in ("lora_state", "history")}
+    summary = {k: v for k, v in asdict(result).items() if k not in ("models", "history")}
     (report_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     with open(report_dir / "curve.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["step", "train_loss", "val_loss", "lr"], restval="")
         writer.writeheader()
         writer.writerows(result.history)
+
+
+def data_identity(*splits: Split | None) -> list[list[tuple[str, str]]]:
+    """What the training data is, for the checkpoint fingerprint: each image's hash and caption, per split."""
+    return [sorted(zip(s.hashes, s.captions, strict=True)) if s else [] for s in splits]
+
+
+def run(params: Params, root: Path, args: argparse.Namespace) -> TrainResult:
+    model = resolve_model(params, root)
+    components = load_components(model, params.base.revision)
+    train_split, val_split = read_split(args.prepared / "train"), read_split(args.prepared / "validation")
+    class_split = None
+    if params.train.prior_preservation.enabled:
+        from pipeline.prior import class_images
+
+        class_split = class_images(
+            params.train.prior_preservation, model, params.base.revision, train_split.images[0].height,
+            root, args.class_images, seed=params.train.seed,
+        )  # fmt: skip
+    run_fingerprint = checkpoint.fingerprint(
+        params.train.model_dump(),
+        f"{params.base.model}@{params.base.revision}",
+        {"splits": data_identity(train_split, val_split, class_split)},
+    )
+    return train(
+        components,
+        train_split,
+        val_split,
+        params.train,
+        class_split=class_split,
+        checkpoints=args.checkpoints,
+        fingerprint=run_fingerprint,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,22 +808,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prepared", required=True, type=Path, help="output folder of the prepare stage")
     parser.add_argument("--out", required=True, type=Path, help="adapter folder to write")
     parser.add_argument("--report", required=True, type=Path, help="folder for summary.json and curve.csv")
+    parser.add_argument("--checkpoints", type=Path, help="folder for resumable checkpoints (kept across runs)")
+    parser.add_argument(
+        "--class-images", type=Path, help="cache of generated prior-preservation class images (default: none)"
+    )
     args = parser.parse_args(argv)
     env.configure()
+    for folder in (args.checkpoints, args.class_images):
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)  # DVC outputs: they must exist even when unused
     try:
         params = load_params(args.params)
+        root = Path(args.params).resolve().parent
+        result = run(params, root, args)
     except ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    root = Path(args.params).resolve().parent
-    components = load_components(resolve_model(params, root), params.base.revision)
-    train_split, val_split = read_split(args.prepared / "train"), read_split(args.prepared / "validation")
-    try:
-        result = train(components, train_split, val_split, params.train)
     except NonFiniteLoss as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    save_adapter(result.lora_state, args.out)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return 0
+    save_adapter(result, args.out)
     write_reports(result, args.report)
     print(
         f"best validation loss {result.best_val_loss:.5f} at step {result.best_step} "

@@ -1,0 +1,419 @@
+"""The train stage on the tiny model: resume after SIGKILL, the objective's knobs, what trains, and its outputs."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from pipeline import checkpoint
+from pipeline.config import ParamsError, TrainParams, parse_params
+from pipeline.demo_data import BACKGROUNDS, COLOURS, SHAPES, draw_shape
+from pipeline.diffusion import Split, load_components, read_split
+from pipeline.train import (
+    EMA,
+    NonFiniteLoss,
+    loss_weights,
+    main,
+    save_adapter,
+    train,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_split(folder: Path, n: int, seed: int, size: int = 64) -> Path:
+    """A prepared split as the prepare stage writes it: PNGs plus metadata.jsonl (file_name, text, sha256)."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        shape, colour, bg = rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(BACKGROUNDS))
+        image = draw_shape(shape, COLOURS[colour], BACKGROUNDS[bg], size, rng)
+        name = f"{i:03d}.png"
+        image.save(folder / name)
+        digest = hashlib.sha256(image.tobytes()).hexdigest()
+        rows.append({"file_name": name, "text": f"a {colour} {shape} on a {bg} background", "sha256": digest})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("prepared")
+    write_split(root / "train", 12, seed=1)
+    write_split(root / "validation", 4, seed=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def splits(prepared: Path) -> tuple[Split, Split]:
+    return read_split(prepared / "train"), read_split(prepared / "validation")
+
+
+def tp(**overrides: Any) -> TrainParams:
+    """Small, fast train params for the tiny model."""
+    base = {"max_steps": 4, "batch_size": 4, "learning_rate": 1e-2, "validation_every": 2, "validation_timesteps": 2}
+    return TrainParams(**(base | overrides))
+
+
+def write_params(project: Path, model: Path, prepared: Path, **train: Any) -> Path:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["base"]["model"] = str(model)
+    params["data"]["source"] = str(prepared)  # only checked to exist: train reads --prepared
+    params["train"] |= train
+    project.mkdir(parents=True, exist_ok=True)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return project / "params.yaml"
+
+
+def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "pytorch_lora_weights.safetensors"))
+
+
+def curve(report: Path) -> list[dict[str, str]]:
+    with open(report / "curve.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+# --- checkpoint and resume ---------------------------------------------------------------------------------------
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path, tiny_model: Path, prepared: Path) -> None:
+    settings = {
+        "max_steps": 12,
+        "batch_size": 4,
+        "learning_rate": 0.01,
+        "lora_dropout": 0.1,  # exercises torch's global RNG, which the checkpoint must restore too
+        "validation_every": 5,
+        "validation_timesteps": 2,
+        "checkpoint_every": 2,
+        "checkpoints_total_limit": 2,
+        "log_every": 3,
+    }
+    params = write_params(tmp_path, tiny_model, prepared, **settings)
+    ckpts = tmp_path / "checkpoints"
+    cmd = [sys.executable, "-m", "pipeline.train", "--params", str(params), "--prepared", str(prepared)]
+    cmd += ["--checkpoints", str(ckpts)]
+    killed_out = tmp_path / "adapter"
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(killed_out), "--report", str(tmp_path / "report")],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not checkpoint.step_dirs(ckpts) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = checkpoint.step_dirs(ckpts)[-1][0]
+    assert 0 < killed_at < settings["max_steps"]
+    assert not killed_out.exists()
+
+    resumed = subprocess.run(
+        [*cmd, "--out", str(killed_out), "--report", str(tmp_path / "report")],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["resumed_from_step"] >= killed_at
+    assert len(checkpoint.step_dirs(ckpts)) == 2  # rotation keeps checkpoints_total_limit
+
+    clean_out = tmp_path / "clean"
+    clean = ["--params", str(params), "--prepared", str(prepared), "--out", str(clean_out)]
+    assert main([*clean, "--report", str(tmp_path / "r2")]) == 0
+    a, b = adapter_tensors(killed_out), adapter_tensors(clean_out)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+    resumed_curve, clean_curve = curve(tmp_path / "report"), curve(tmp_path / "r2")
+    assert [r["step"] for r in resumed_curve] == [r["step"] for r in clean_curve]
+    for x, y in zip(resumed_curve, clean_curve, strict=True):
+        for column in ("train_loss", "val_loss"):
+            if x[column] or y[column]:
+                assert float(x[column]) == pytest.approx(float(y[column]), rel=1e-4), (x, y)
+
+
+def test_checkpoint_of_other_params_is_not_resumed(tmp_path: Path, tiny_model: Path, splits) -> None:
+    train_split, val_split = splits
+    params = tp(max_steps=2, checkpoint_every=2)
+    train(load_components(str(tiny_model)), train_split, val_split, params, checkpoints=tmp_path, fingerprint="a")
+    assert [s for s, _ in checkpoint.step_dirs(tmp_path)] == [2]
+    path, reason = checkpoint.find_resumable(tmp_path, "b")
+    assert path is None and "fingerprint mismatch" in reason
+    result = train(
+        load_components(str(tiny_model)), train_split, val_split, tp(max_steps=1), checkpoints=tmp_path, fingerprint="b"
+    )
+    assert result.resumed_from_step is None and result.steps == 1
+    assert checkpoint.step_dirs(tmp_path) == []  # the other run's checkpoints were cleared
+
+
+def test_fingerprint_ignores_bookkeeping_only() -> None:
+    base = tp().model_dump()
+    fp = checkpoint.fingerprint(base, "m", {"d": 1})
+    assert checkpoint.fingerprint(base | {"checkpoint_every": 7, "log_every": 3}, "m", {"d": 1}) == fp
+    assert checkpoint.fingerprint(base | {"learning_rate": 0.5}, "m", {"d": 1}) != fp
+    assert checkpoint.fingerprint(base, "m", {"d": 2}) != fp
+    assert checkpoint.fingerprint(base, "other", {"d": 1}) != fp
+
+
+def test_optimizer_state_round_trips_through_safetensors() -> None:
+    p = torch.nn.Parameter(torch.randn(3, 2))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    tensors, meta = checkpoint.flatten_optimizer(opt.state_dict())
+    meta = json.loads(json.dumps(meta))  # what state.json stores
+    restored = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone())], lr=0.1)
+    restored.load_state_dict(checkpoint.unflatten_optimizer(tensors, meta))
+    for key, value in opt.state_dict()["state"][0].items():
+        torch.testing.assert_close(restored.state_dict()["state"][0][key], value)
+
+
+# --- the objective -----------------------------------------------------------------------------------------------
+
+
+def test_min_snr_weights_for_epsilon_and_v_prediction() -> None:
+    from diffusers import DDPMScheduler
+
+    t = torch.tensor([0, 500, 999])
+    for kind in ("epsilon", "v_prediction"):
+        scheduler = DDPMScheduler(
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=kind
+        )
+        a = scheduler.alphas_cumprod[t]
+        snr = a / (1 - a)
+        weights = loss_weights(scheduler, t, torch.zeros(3, dtype=torch.bool), tp(snr_gamma=5.0))
+        expected = torch.minimum(snr, torch.tensor(5.0)) / (snr if kind == "epsilon" else snr + 1)
+        torch.testing.assert_close(weights, expected)
+        assert weights[0] < 0.01 and weights[2] == pytest.approx(1.0 if kind == "epsilon" else snr[2] / (snr[2] + 1))
+    half = tp(prior_preservation={"prior_loss_weight": 0.5})
+    prior = loss_weights(scheduler, t, torch.tensor([False, True, True]), half)
+    assert prior.tolist() == [1.0, 0.5, 0.5]
+
+
+def test_gradient_accumulation_matches_the_big_batch(tiny_model: Path, splits) -> None:
+    train_split, val_split = splits
+    runs = {}
+    for name, batch, accumulate in (("big", 8, 1), ("accumulated", 4, 2)):
+        result = train(
+            load_components(str(tiny_model)),
+            train_split,
+            val_split,
+            tp(max_steps=2, batch_size=batch, gradient_accumulation_steps=accumulate),
+            fingerprint=name,
+        )
+        runs[name] = result
+    assert runs["accumulated"].cost["effective_batch_size"] == 8
+    big, acc = runs["big"].lora_state, runs["accumulated"].lora_state
+    for key in big:
+        # Adam divides by the gradient's magnitude, so float-rounding differences in near-zero gradients grow to
+        # about 1e-5; a step moves weights by about lr = 1e-2.
+        torch.testing.assert_close(acc[key], big[key], atol=1e-4, rtol=1e-3)
+    assert [r.get("train_loss") for r in runs["big"].history] == pytest.approx(
+        [r.get("train_loss") for r in runs["accumulated"].history], rel=1e-5
+    )
+
+
+def test_regularisers_change_training_and_stay_reproducible(tiny_model: Path, splits) -> None:
+    train_split, val_split = splits
+
+    def run(**kw: Any) -> dict[str, torch.Tensor]:
+        params = tp(max_steps=1, validation_timesteps=1, **kw)
+        return train(load_components(str(tiny_model)), train_split, val_split, params).lora_state
+
+    plain = run()
+    for knobs in (
+        {"snr_gamma": 5.0},
+        {"input_perturbation": 0.1},
+        {"caption_dropout": 0.5},
+        {"noise_offset": 0.1},
+        {"prediction_type": "v_prediction"},
+        {"ema_decay": 0.9},
+    ):
+        tuned = run(**knobs)
+        assert any(not torch.allclose(tuned[k], plain[k]) for k in tuned), f"{knobs} changed nothing"
+    # Every draw comes from the seeded generator: the same knobs give the same weights.
+    first, second = run(caption_dropout=0.5, input_perturbation=0.1), run(caption_dropout=0.5, input_perturbation=0.1)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_ema_tracks_and_swaps_back() -> None:
+    p = torch.nn.Parameter(torch.zeros(2))
+    ema = EMA({"p": p}, decay=0.5)
+    with torch.no_grad():
+        p.fill_(1.0)
+    ema.update({"p": p}, step=100)  # decay min(0.5, 101/110) = 0.5
+    torch.testing.assert_close(ema.shadow["p"], torch.full((2,), 0.5))
+    with ema.applied({"p": p}):
+        torch.testing.assert_close(p.detach(), torch.full((2,), 0.5))
+    torch.testing.assert_close(p.detach(), torch.ones(2))
+
+
+def test_caption_dropout_uses_the_empty_prompt(tiny_model: Path, splits) -> None:
+    from pipeline.train import batch_conditioning, encode_data
+
+    components = load_components(str(tiny_model))
+    data = encode_data(components, *splits, None, True, torch.device("cpu"))
+    rows = {"idx": torch.tensor([0, 1, 2]), "drop": torch.tensor([True, False, True])}
+    cond = batch_conditioning(components, data, rows, torch.device("cpu"))
+    torch.testing.assert_close(cond["emb"][0], data.empty_cond["emb"][0])
+    torch.testing.assert_close(cond["emb"][1], data.cond["emb"][1])
+    torch.testing.assert_close(cond["emb"][2], data.empty_cond["emb"][0])
+
+
+def test_non_finite_loss_stops_with_the_step(tiny_model: Path, splits) -> None:
+    train_split, val_split = splits
+    params = tp(max_steps=20, learning_rate=1e12, max_grad_norm=1e30, log_every=5, validation_every=100)
+    with pytest.raises(NonFiniteLoss, match=r"at step \d+"):
+        train(load_components(str(tiny_model)), train_split, val_split, params)
+
+
+# --- what trains -------------------------------------------------------------------------------------------------
+
+
+def test_max_steps_zero_saves_an_adapter_equal_to_the_base(tmp_path: Path, tiny_model: Path, splits) -> None:
+    result = train(load_components(str(tiny_model)), *splits, tp(max_steps=0))
+    assert result.steps == 0 and result.best_step == 0
+    counts = result.parameters
+    assert counts["trainable"] == counts["per_model"]["unet"]["trainable"] > 0
+    assert counts["frozen"] > 100 * counts["trainable"]
+    save_adapter(result, tmp_path / "adapter")
+    ups = [v for k, v in adapter_tensors(tmp_path / "adapter").items() if "lora.up" in k or "lora_B" in k]
+    assert ups and all(torch.count_nonzero(v) == 0 for v in ups)
+
+
+def test_lora_presets_and_alpha_survive_saving(tmp_path: Path, tiny_model: Path, splits) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    result = train(
+        load_components(str(tiny_model)),
+        *splits,
+        tp(max_steps=2, lora_targets="attention+ffn+conv", lora_rank=2, lora_alpha=8),
+    )
+    keys = set(result.lora_state)
+    assert any(".ff.net.2." in k for k in keys) and any(".conv1." in k for k in keys)
+    save_adapter(result, tmp_path / "adapter")
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model))
+    pipe.load_lora_weights(str(tmp_path / "adapter"))
+    # Loaded with alpha / rank = 4 (from the saved LoRA config), the UNet matches the trained one.
+    x, t, emb = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        expected = result.models["unet"](x, t, emb).sample
+        torch.testing.assert_close(pipe.unet(x, t, emb).sample, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_full_finetune_trains_only_the_named_blocks(tmp_path: Path, tiny_model: Path, splits) -> None:
+    from diffusers import UNet2DConditionModel
+
+    components = load_components(str(tiny_model))
+    before = {k: v.clone() for k, v in components.unet.state_dict().items()}
+    result = train(components, *splits, tp(max_steps=2, method="full", train_blocks=["up_blocks.1", "mid_block"]))
+    unet_counts = result.parameters["per_model"]["unet"]
+    expected = sum(
+        p.numel() for n, p in components.unet.named_parameters() if n.startswith(("up_blocks.1.", "mid_block."))
+    )
+    assert unet_counts["trainable"] == expected > 0
+    save_adapter(result, tmp_path / "out")
+    saved = UNet2DConditionModel.from_pretrained(tmp_path / "out", subfolder="unet").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], saved[k])}
+    assert changed and all(k.startswith(("up_blocks.1.", "mid_block.")) for k in changed)
+
+
+def test_train_blocks_that_match_nothing_is_an_error(tiny_model: Path, splits) -> None:
+    with pytest.raises(ParamsError, match="matches no UNet parameter"):
+        train(load_components(str(tiny_model)), *splits, tp(method="full", train_blocks=["upblocks.9"]))
+
+
+def test_params_reject_inconsistent_train_settings() -> None:
+    text = (REPO / "params.yaml").read_text()
+    params = yaml.safe_load(text)
+    for bad, message in (
+        ({"train_blocks": ["mid_block"]}, "method 'full' only"),
+        ({"lora_targets": "everything"}, "lora_targets"),
+        ({"prior_preservation": {"enabled": True}}, "class_prompt is required"),
+        ({"caption_dropout": 1.0}, "caption_dropout"),
+    ):
+        broken = params | {"train": params["train"] | bad}
+        with pytest.raises(ParamsError, match=message):
+            parse_params(yaml.safe_dump(broken), Path("params.yaml"))
+
+
+def test_text_encoder_lora_trains_and_loads_or_says_why_not(tmp_path: Path, tiny_model: Path, splits) -> None:
+    from diffusers import StableDiffusionPipeline
+    from transformers.integrations.peft import MIN_PEFT_VERSION
+    from transformers.utils.import_utils import is_peft_available
+
+    params = tp(max_steps=2, train_text_encoder=True, text_encoder_lr=1e-2)
+    try:
+        check_peft = __import__("transformers.utils.peft_utils", fromlist=["check_peft_version"]).check_peft_version
+        check_peft(MIN_PEFT_VERSION)
+    except ValueError:
+        # This stack (peft 0.21 with transformers 5): stock pipelines cannot load text-encoder LoRA, so train refuses.
+        assert is_peft_available()
+        with pytest.raises(ParamsError, match="needs a newer peft"):
+            train(load_components(str(tiny_model)), *splits, params)
+        return
+    result = train(load_components(str(tiny_model)), *splits, params)
+    assert result.parameters["per_model"]["text_encoder"]["trainable"] > 0
+    save_adapter(result, tmp_path / "adapter")
+    keys = adapter_tensors(tmp_path / "adapter").keys()
+    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model))
+    base_emb = pipe.encode_prompt("a red circle", "cpu", 1, False)[0]
+    pipe.load_lora_weights(str(tmp_path / "adapter"))
+    assert not torch.allclose(base_emb, pipe.encode_prompt("a red circle", "cpu", 1, False)[0])
+
+
+def test_full_text_encoder_trains_per_step_and_saves_whole(tmp_path: Path, tiny_model: Path, splits) -> None:
+    from transformers import CLIPTextModel
+
+    components = load_components(str(tiny_model))
+    before = {k: v.clone() for k, v in components.text_encoder.state_dict().items()}
+    params = tp(max_steps=2, method="full", train_blocks=["mid_block"], train_text_encoder=True, text_encoder_lr=1e-3)
+    result = train(components, *splits, params)
+    assert set(result.models) == {"unet", "text_encoder"}
+    save_adapter(result, tmp_path / "out")
+    saved = CLIPTextModel.from_pretrained(tmp_path / "out", subfolder="text_encoder").state_dict()
+    assert any(not torch.equal(before[k], saved[k]) for k in before if k in saved)
+
+
+def test_prior_preservation_generates_class_images_once(tmp_path: Path, tiny_model: Path, splits) -> None:
+    from pipeline.config import PriorPreservationParams
+    from pipeline.prior import class_images
+
+    prior = PriorPreservationParams(enabled=True, class_prompt="a shape", num_class_images=3, num_inference_steps=2)
+    first = class_images(prior, str(tiny_model), None, 64, tmp_path, tmp_path / "cache")
+    (folder,) = (tmp_path / "cache").iterdir()
+    mtimes = [p.stat().st_mtime_ns for p in sorted(folder.iterdir())]
+    second = class_images(prior, str(tiny_model), None, 64, tmp_path, tmp_path / "cache")
+    assert [p.stat().st_mtime_ns for p in sorted(folder.iterdir())] == mtimes  # reused, not regenerated
+    assert first.hashes == second.hashes and len(first.images) == 3 and set(first.captions) == {"a shape"}
+
+    params = tp(max_steps=2, prior_preservation=prior.model_dump())
+    result = train(load_components(str(tiny_model)), *splits, params, class_split=first)
+    assert result.cost["images_seen"] == 2 * 2 * params.batch_size  # one class image per instance image
