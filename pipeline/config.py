@@ -176,6 +176,8 @@ class TrainParams(_Section):
     def _consistent(self) -> TrainParams:
         if self.train_blocks and self.method != "full":
             raise ValueError("train_blocks applies to method 'full' only; LoRA layers are chosen by lora_targets")
+        if self.export_kohya and self.method != "lora":
+            raise ValueError("export_kohya exports a LoRA: it needs method 'lora' (full fine-tuning saves unet/)")
         return self
 
     @property
@@ -227,6 +229,9 @@ class EvaluateParams(_Section):
 
 class RegistryParams(_Section):
     model_name: Annotated[str, Field(min_length=1)] = "sdft"
+    # auto: a candidate that passes the gate becomes `champion`; manual: it becomes `challenger`, and a person
+    # moves `champion` with `sdft approve` (refused if the champion moved since the comparison).
+    approval: Literal["auto", "manual"] = "auto"
 
 
 class OrchestrationParams(_Section):

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import sys
@@ -44,6 +45,7 @@ from pipeline.diffusion import (
     text_conditioning,
     tokenize,
 )
+from pipeline.export import KOHYA_FILE, export_kohya, model_card
 from pipeline.tracking import LiveLog
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
@@ -63,6 +65,7 @@ class TrainResult:
     initial_val_loss: float
     steps: int
     stop_reason: str
+    data_hash: str = ""  # what it was trained on: each image's content hash and caption, per split
     parameters: dict[str, Any] = field(default_factory=dict)  # trainable and frozen counts
     resumed_from_step: int | None = None
     history: list[dict[str, float]] = field(default_factory=list)
@@ -585,6 +588,7 @@ def train(
         initial_val_loss=state.initial,
         steps=state.step,
         stop_reason=state.stop_reason or f"reached train.max_steps={params.max_steps}",
+        data_hash=hashlib.sha256(json.dumps(data_identity(train_split, val_split, class_split)).encode()).hexdigest(),
         parameters=counts,
         resumed_from_step=resumed_from,
         history=state.history,
@@ -832,7 +836,13 @@ def main(argv: list[str] | None = None) -> int:
     if not PartialState().is_main_process:
         return 0
     save_adapter(result, args.out)
+    if params.train.export_kohya:
+        export_kohya(args.out, args.out / KOHYA_FILE, params.base.model, result.data_hash)
     write_reports(result, args.report)
+    summary = json.loads((args.report / "summary.json").read_text())
+    files = sorted(p.relative_to(args.out).as_posix() for p in args.out.rglob("*") if p.is_file())
+    card = model_card(params.base.model, result.data_hash, params.train.model_dump(), summary, files)
+    (args.out / "README.md").write_text(card)
     print(
         f"best validation loss {result.best_val_loss:.5f} at step {result.best_step} "
         f"(untuned {result.initial_val_loss:.5f}); {result.stop_reason}"

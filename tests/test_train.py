@@ -104,6 +104,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path, tiny_mod
         "checkpoint_every": 2,
         "checkpoints_total_limit": 2,
         "log_every": 3,
+        "export_kohya": True,
     }
     params = write_params(tmp_path, tiny_model, prepared, **settings)
     ckpts = tmp_path / "checkpoints"
@@ -146,6 +147,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path, tiny_mod
     clean_out = tmp_path / "clean"
     clean = ["--params", str(params), "--prepared", str(prepared), "--out", str(clean_out)]
     assert main([*clean, "--report", str(tmp_path / "r2")]) == 0
+    assert (clean_out / "adapter_kohya.safetensors").is_file()
+    assert "Base model" in (clean_out / "README.md").read_text()
     a, b = adapter_tensors(killed_out), adapter_tensors(clean_out)
     assert a.keys() == b.keys()
     for key in a:
