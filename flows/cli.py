@@ -4,6 +4,7 @@ sdft init          build the tiny default base model (models/tiny-sd) if it is m
 sdft run           run the retrain flow once: DVC stages, gate, registration
 sdft models        registered versions with their aliases and key metrics
 sdft ui            print the command that opens the MLflow UI on this project's store
+sdft serve         serve the scheduled retrain of prefect.yaml (starts a local Prefect server if none is set)
 """
 
 from __future__ import annotations
@@ -57,10 +58,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.retrain import retrain
 
     try:
-        result = retrain(project=str(root), dry_run=args.dry_run)
+        result = retrain(project=str(root), dry_run=args.dry_run, trigger=args.trigger)
     except Exception as exc:  # the flow has logged the traceback; the registry was not touched
         print(f"error: the retrain failed, nothing was promoted: {exc}", file=sys.stderr)
         return 1
+    if result.skipped:
+        print(f"SKIPPED: {result.reason}")
+        return 0
     print()
     print(result.gate_report)
     if result.promoted:
@@ -99,6 +103,13 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.serve import serve
+
+    serve(Path(args.project).resolve(), port=args.port)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sdft", description="Fine-tune Stable Diffusion, gated and versioned.")
     parser.add_argument("--project", default=".", help="project folder (holds params.yaml and dvc.yaml)")
@@ -106,11 +117,17 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("init", help="build the tiny default base model").set_defaults(func=cmd_init)
     run = sub.add_parser("run", help="run the retrain flow once")
     run.add_argument("--dry-run", action="store_true", help="decide and report, register nothing")
+    run.add_argument(
+        "--trigger", choices=["manual", "data", "schedule"], default="manual", help="data: skip if data is unchanged"
+    )
     run.set_defaults(func=cmd_run)
     models = sub.add_parser("models", help="list registered versions")
     models.add_argument("--name", help="registered model name (default: registry.model_name)")
     models.set_defaults(func=cmd_models)
     sub.add_parser("ui", help="print the MLflow UI command").set_defaults(func=cmd_ui)
+    serve = sub.add_parser("serve", help="serve the scheduled retrain (prefect.yaml) until interrupted")
+    serve.add_argument("--port", type=int, help="port of the local Prefect server it starts (default 4200 or free)")
+    serve.set_defaults(func=cmd_serve)
     args = parser.parse_args(argv)
     os.environ.setdefault("SDFT_ROOT", str(Path(args.project).resolve()))
     env.configure()

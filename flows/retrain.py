@@ -1,9 +1,11 @@
 """The retrain flow: DVC stages (prepare -> train -> evaluate), then gate, then register.
 
 The stage graph lives in `dvc.yaml` alone; each stage runs as a task through `dvc repro <stage>`, so DVC skips what is
-up to date. Gate and registration depend on the registry, which DVC cannot track, so they run here.
+up to date. Gate and registration depend on the registry, which DVC cannot track, so they run here, with what a
+scheduled run needs around them: one retrain at a time per workspace, a data-arrival check (`trigger="data"`),
+stage timeouts, a history, artifacts and notifications (docs/scheduling.md).
 
-    python -m flows.retrain            # or: sdft run
+    python -m flows.retrain            # or: sdft run; scheduled: sdft serve (prefect.yaml)
 """
 
 from __future__ import annotations
@@ -13,18 +15,27 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import yaml
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
+from prefect.states import Completed, State
 
+from flows import notify
+from flows.trigger import WorkspaceBusy, data_identity, history, last_success, record, workspace_lock, workspace_name
 from pipeline import env, promotion, registry
 from pipeline.config import Params, load_params
 
 REPORTS = Path("reports")
+LOGS = Path(".sdft") / "logs"
+Trigger = Literal["schedule", "data", "manual"]
 
 
 @dataclass
@@ -34,6 +45,7 @@ class RetrainResult:
     run_id: str
     reason: str
     gate_report: str
+    skipped: bool = False
 
 
 def _flat(prefix: str, value: object) -> dict[str, object]:
@@ -85,15 +97,122 @@ def open_run(root: Path) -> str:
 
 @task(name="dvc repro", task_run_name="dvc repro {stage}")
 def run_stage(root: Path, stage: str, run_id: str) -> None:
-    """Run one DVC stage (and anything upstream that is stale); DVC skips it when nothing changed."""
+    """Run one DVC stage (and anything upstream that is stale); DVC skips it when nothing changed.
+
+    Output goes to `.sdft/logs/<stage>.{out,err}`. The task's `timeout_seconds` (orchestration.stage_timeout_minutes)
+    or a cancellation interrupts the wait below, which then stops DVC and the stage's own processes.
+    """
     environment = os.environ | {"MLFLOW_RUN_ID": run_id}
     # Stage commands call `python`: make it this interpreter's, venv or not.
     environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment.get('PATH', '')}"
-    result = subprocess.run([_tool("dvc"), "repro", stage], cwd=root, env=environment, capture_output=True, text=True)
+    (root / LOGS).mkdir(parents=True, exist_ok=True)
+    out_file, err_file = root / LOGS / f"{stage}.out", root / LOGS / f"{stage}.err"
+    with open(out_file, "w") as out, open(err_file, "w") as err:
+        process = subprocess.Popen([_tool("dvc"), "repro", stage], cwd=root, env=environment, stdout=out, stderr=err)
+        try:
+            while process.poll() is None:
+                time.sleep(0.5)  # short sleeps: a timeout or cancellation lands within half a second
+        except BaseException:
+            _stop_tree(process.pid)
+            raise
     logger = get_run_logger()
-    logger.info("%s", result.stdout[-4000:])
-    if result.returncode != 0:
-        raise RuntimeError(f"stage '{stage}' failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
+    logger.info("%s", out_file.read_text()[-4000:])
+    if process.returncode != 0:
+        raise RuntimeError(f"stage '{stage}' failed (exit {process.returncode}):\n{err_file.read_text()[-4000:]}")
+
+
+def _stop_tree(pid: int, grace_s: float = 10) -> None:
+    """SIGTERM a process and its descendants (DVC runs the stage's command as its child), SIGKILL what remains."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        tree = [*parent.children(recursive=True), parent]
+    except psutil.NoSuchProcess:
+        return
+    for proc in tree:
+        with suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=grace_s)
+    for proc in alive:
+        with suppress(psutil.NoSuchProcess):
+            proc.kill()
+
+
+def stage_timeouts(root: Path, params: Params) -> dict[str, float]:
+    """`orchestration.stage_timeout_minutes` in seconds; a name that is not a dvc.yaml stage is an error."""
+    stages = stage_names(root)
+    unknown = sorted(set(params.orchestration.stage_timeout_minutes) - set(stages))
+    if unknown:
+        raise ValueError(
+            f"params.yaml: orchestration.stage_timeout_minutes names {', '.join(unknown)}, which dvc.yaml does not "
+            f"define (its stages: {', '.join(stages)})"
+        )
+    return {stage: minutes * 60 for stage, minutes in params.orchestration.stage_timeout_minutes.items()}
+
+
+@contextmanager
+def one_retrain_at_a_time(root: Path, params: Params) -> Iterator[str | None]:
+    """Hold this workspace for one retrain; yield None, or why it stayed busy for `orchestration.lock_wait_minutes`.
+
+    A file lock guarantees it on this machine (even for runs on Prefect's temporary server); on a real Prefect server
+    a global concurrency limit of 1, named after the workspace, also shows the holder and the waiting runs in the UI
+    (its lease expires a minute after a killed holder stops renewing it).
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+    from prefect.settings import get_current_settings
+
+    wait_s = params.orchestration.lock_wait_minutes * 60
+    logger = get_run_logger()
+    holder = {"flow_run": str(flow_run.get_id() or ""), "flow_run_name": str(flow_run.get_name() or "")}
+    with ExitStack() as held:
+        busy = None
+        try:
+            if get_current_settings().api.url:
+                name = workspace_name(root)
+                with get_client(sync_client=True) as client:
+                    client.upsert_global_concurrency_limit_by_name(name, limit=1)
+                held.enter_context(concurrency(name, timeout_seconds=wait_s, lease_duration=60, strict=True))
+            held.enter_context(workspace_lock(root, wait_s, holder, on_wait=logger.info))
+        except (WorkspaceBusy, TimeoutError) as exc:
+            busy = f"workspace busy: {exc or 'the retrain concurrency limit stayed full'}"
+        yield busy
+
+
+@task(name="check data")
+def check_data(root: Path, params: Params) -> str:
+    """Content digest of data.source (only new or modified files are read)."""
+    return data_identity(root / params.data.source, root / ".sdft" / "source-digests.json")
+
+
+def _entry(trigger: str, outcome: str, reason: str, **fields: Any) -> dict[str, Any]:
+    run = {"flow_run": str(flow_run.get_id() or ""), "flow_run_name": str(flow_run.get_name() or "")}
+    return run | {"trigger": trigger, "outcome": outcome, "reason": reason} | fields
+
+
+def skipped(root: Path, params: Params, trigger: str, reason: str, data: str | None) -> State:
+    """Finish as a completed run named Skipped, with the reason in its message, artifact, history and log."""
+    get_run_logger().info("skipped: %s", reason)
+    entry = record(root, _entry(trigger, "skipped", reason, data_identity=data))
+    create_markdown_artifact(f"**Skipped** ({trigger} trigger): {reason}", key="retrain-skipped")
+    publish_history(root)
+    notify.send(params.notify, "skipped", f"sdft retrain skipped: {reason}", entry, log=get_run_logger().warning)
+    result = RetrainResult(False, None, "", reason, "", skipped=True)
+    return Completed(name="Skipped", message=f"skipped: {reason}", data=result)
+
+
+@task(name="dvc push", retries=3, retry_delay_seconds=[10, 30, 90])
+def push_outputs(root: Path) -> None:
+    """Send the stages' outputs to the default DVC remote (docs/scale-out.md), so other machines can `dvc pull`."""
+    remote = subprocess.run([_tool("dvc"), "remote", "default"], cwd=root, capture_output=True, text=True)
+    if remote.returncode != 0 or not remote.stdout.strip():
+        get_run_logger().info("no default DVC remote: outputs stay in this workspace's cache")
+        return
+    pushed = subprocess.run([_tool("dvc"), "push"], cwd=root, capture_output=True, text=True)
+    if pushed.returncode != 0:
+        raise RuntimeError(f"dvc push to '{remote.stdout.strip()}' failed:\n{pushed.stderr[-2000:]}")
+    get_run_logger().info("%s", pushed.stdout[-2000:])
 
 
 @task(name="log reports", retries=3, retry_delay_seconds=[2, 5, 10])
@@ -129,43 +248,116 @@ def run_gate(root: Path, params: Params) -> promotion.GateOutcome:
     return outcome
 
 
+def mlflow_links(run_id: str, model_name: str, version: str | None) -> str:
+    """Markdown links to the MLflow run and model version (a local store: open `sdft ui` first)."""
+    uri = env.tracking_uri()
+    remote = uri.startswith(("http://", "https://"))
+    base = uri.rstrip("/") if remote else os.environ.get("SDFT_MLFLOW_UI", "http://127.0.0.1:5000")
+    experiment = registry.experiment_id()
+    lines = [f"- MLflow run: [{run_id}]({base}/#/experiments/{experiment}/runs/{run_id})"]
+    if version:
+        lines.append(f"- Model version: [{model_name} v{version}]({base}/#/models/{model_name}/versions/{version})")
+    if not remote:
+        lines.append(f"- Local store: the links work once `sdft ui` serves it ({base})")
+    return "\n".join(lines)
+
+
+def publish_history(root: Path, last: int = 20) -> None:
+    """The newest retrains from `.sdft/history.jsonl` as a table artifact."""
+    columns = ["at", "trigger", "outcome", "model_version", "val_loss", "reason", "flow_run_name", "mlflow_run_id"]
+    rows = [{c: e.get(c) for c in columns} for e in reversed(history(root)[-last:])]
+    create_table_artifact(rows, key="retrain-history", description=f"sdft: the last {last} retrains, newest first")
+
+
+@task(name="publish", retries=2, retry_delay_seconds=[2, 10])
+def publish(root: Path, params: Params, entry: dict[str, Any], gate_report: str) -> None:
+    """Gate report and history artifacts, then the promotion or rejection message."""
+    links = mlflow_links(entry["mlflow_run_id"], params.registry.model_name, entry.get("model_version"))
+    create_markdown_artifact(
+        f"{gate_report}\n\n{links}\n", key="gate-report", description="sdft promotion gate decision"
+    )
+    publish_history(root)
+    text = f"sdft retrain {entry['outcome']}: {entry['reason']}"
+    if entry.get("model_version"):
+        text += f" (registered {params.registry.model_name} v{entry['model_version']})"
+    notify.send(params.notify, entry["outcome"], text, entry, log=get_run_logger().warning)
+
+
+def report_failure(flow: Any, run: Any, state: State) -> None:
+    """on_failure / on_crashed hook: record the failed retrain and send the failure message."""
+    root = Path(run.parameters.get("project", ".")).resolve()
+    reason = state.message or state.name
+    entry = {"flow_run": str(run.id), "flow_run_name": run.name, "trigger": run.parameters.get("trigger", "manual")}
+    entry = record(root, entry | {"outcome": "failed", "reason": reason})
+    notify.send(notify.settings_of(root), "failed", f"sdft retrain failed ({run.name}): {reason}", entry)
+
+
 @task(name="register", retries=2, retry_delay_seconds=[5, 15])
 def register(root: Path, params: Params, outcome: promotion.GateOutcome, run_id: str) -> str:
     """Log the adapter with the diffusers flavor, register it and move `champion`."""
     return promotion.promote(params, root, outcome, run_id, root / "models" / "adapter")
 
 
-@flow(name="retrain", log_prints=True)
-def retrain(project: str = ".", dry_run: bool = False) -> RetrainResult:
-    """Retrain on the current data and promote the result only if it beats the baseline."""
+@flow(name="retrain", log_prints=True, on_failure=[report_failure], on_crashed=[report_failure])
+def retrain(project: str = ".", dry_run: bool = False, trigger: Trigger = "manual") -> RetrainResult:
+    """Retrain on the current data and promote the result only if it beats the baseline.
+
+    trigger: "data" skips the run when data.source holds what the last successful retrain saw; "schedule" and
+    "manual" always run (DVC still skips the stages whose inputs did not change).
+    """
     root = Path(project).resolve()
     os.environ["SDFT_ROOT"] = str(root)
     env.configure()
     params = validate(root)
     ensure_workspace(root)
-    run_id = open_run(root)
-    try:
-        for stage in stage_names(root):
-            run_stage(root, stage, run_id)
-        log_reports(root, run_id)
-        outcome = run_gate(root, params)
-        version = None
-        if outcome.decision.promote and not dry_run:
-            version = register(root, params, outcome, run_id)
-        tags = {
-            "sdft.decision": "promote" if outcome.decision.promote else "reject",
-            "sdft.dry_run": str(dry_run).lower(),
-            "sdft.baseline": outcome.decision.baseline_source or "",
-            "sdft.model_version": version or "",
-        }
-        registry.set_tags(run_id, tags)
-        registry.log_artifacts(run_id, [root / REPORTS / "gate.json", root / REPORTS / "gate.md"], "gate")
-    except BaseException:
-        registry.end_run(run_id, "FAILED")
-        raise
-    registry.end_run(run_id)
+    timeouts = stage_timeouts(root, params)
+    with one_retrain_at_a_time(root, params) as busy:
+        if busy:
+            return skipped(root, params, trigger, busy, None)
+        data = check_data(root, params)
+        seen = last_success(root)
+        if trigger == "data" and seen and seen.get("data_identity") == data:
+            return skipped(root, params, trigger, f"data unchanged since the retrain of {seen['at']}", data)
+        run_id = open_run(root)
+        try:
+            for stage in stage_names(root):
+                run_stage.with_options(timeout_seconds=timeouts.get(stage))(root, stage, run_id)
+            push_outputs(root)
+            log_reports(root, run_id)
+            outcome = run_gate(root, params)
+            version = None
+            if outcome.decision.promote and not dry_run:
+                version = register(root, params, outcome, run_id)
+            tags = {
+                "sdft.decision": "promote" if outcome.decision.promote else "reject",
+                "sdft.dry_run": str(dry_run).lower(),
+                "sdft.baseline": outcome.decision.baseline_source or "",
+                "sdft.model_version": version or "",
+                "sdft.trigger": trigger,
+                "sdft.data_identity": data,
+            }
+            registry.set_tags(run_id, tags)
+            registry.log_artifacts(run_id, [root / REPORTS / "gate.json", root / REPORTS / "gate.md"], "gate")
+        except BaseException:
+            registry.end_run(run_id, "FAILED")
+            raise
+        registry.end_run(run_id)
+        decided = "promoted" if outcome.decision.promote else "rejected"
+        checks = {f"{c.metric}": c.candidate for c in outcome.decision.checks}
+        entry = record(
+            root,
+            _entry(
+                trigger,
+                "dry-run" if dry_run else decided,
+                outcome.decision.reason,
+                data_identity=data,
+                mlflow_run_id=run_id,
+                model_version=version,
+                **checks,
+            ),
+        )
     report = (root / REPORTS / "gate.md").read_text()
-    create_markdown_artifact(report, key="gate-report", description="sdft promotion gate decision")
+    publish(root, params, entry, report)
     return RetrainResult(version is not None, version, run_id, outcome.decision.reason, report)
 
 
