@@ -44,5 +44,10 @@ format: install
 ui: install
 	$$($(BIN)/sdft ui)
 
+# The scheduled retrain (prefect.yaml), served from here; a local Prefect server on 127.0.0.1 unless PREFECT_API_URL
+# points at one (docs/scheduling.md).
+serve: install
+	$(BIN)/sdft serve
+
 clean:
 	rm -rf data/prepared models/adapter reports .sdft mlflow/mlflow.db mlflow/artifacts
