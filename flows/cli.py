@@ -2,7 +2,9 @@
 
 sdft init          build the tiny default base model (models/tiny-sd) if it is missing
 sdft run           run the retrain flow once: DVC stages, gate, registration
-sdft models        registered versions with their aliases and key metrics
+sdft models        registered versions with their aliases, status, gate metrics and last change
+sdft promote       make a version @champion by hand (audited); rollback: back to @previous-champion
+sdft approve       promote the @challenger (registry.approval: manual); lineage: what a version came from
 sdft ui            print the command that opens the MLflow UI on this project's store
 sdft serve         serve the scheduled retrain of prefect.yaml (starts a local Prefect server if none is set)
 """
@@ -10,9 +12,11 @@ sdft serve         serve the scheduled retrain of prefect.yaml (starts a local P
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from pipeline import env
 
@@ -51,7 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     root = Path(args.project).resolve()
     try:
-        load_params(root / "params.yaml")  # fail in a second, before a Prefect server or any stage starts
+        approval = load_params(root / "params.yaml").registry.approval  # fail in a second, before any work
     except ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -67,7 +71,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     print()
     print(result.gate_report)
-    if result.promoted:
+    if result.promoted and approval == "manual":
+        print(f"CHALLENGER: registered as version {result.version}, now @challenger; `sdft approve --reason ...`")
+    elif result.promoted:
         print(f"PROMOTED: registered as version {result.version}, now @champion.")
     elif args.dry_run:
         print("DRY RUN: nothing was registered.")
@@ -79,23 +85,140 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_name(args: argparse.Namespace) -> str:
+    from pipeline.config import load_params
+
+    return args.name or load_params(Path(args.project).resolve() / "params.yaml", paths=False).registry.model_name
+
+
+def _registry_call(call: Any) -> int:
+    """Run a registry command; its refusals and an unreachable server become one clear line and exit status 1."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.registry import RegistryError, RegistryUnavailable
+
+    try:
+        call()
+    except (RegistryError, RegistryUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except MlflowException as exc:  # e.g. PERMISSION_DENIED from a server with auth
+        print(f"error: the tracking server refused ({exc.error_code}): {exc.message[:500]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else f"{value:.5g}"
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from pipeline.config import load_params
     from pipeline.registry import version_summary
 
-    root = Path(args.project).resolve()
-    name = args.name or load_params(root / "params.yaml", paths=False).registry.model_name
-    rows = version_summary(name)
-    if not rows:
-        print(f"{name}: no versions yet")
-    print(f"{'version':>7}  {'aliases':<28} {'promotion':<10} val_loss  run")
-    for row in rows:
-        val = row["metrics"].get("eval.val_loss")
-        print(
-            f"{row['version']:>7}  {','.join(row['aliases']):<28} {row['promotion']:<10} "
-            f"{'' if val is None else f'{val:.5f}':<9} {row['run_id']}"
-        )
-    return 0
+    params = load_params(Path(args.project).resolve() / "params.yaml", paths=False)
+    name = args.name or params.registry.model_name
+    gate = params.gate
+    metrics = list(dict.fromkeys(f"eval.{r.metric}" for r in (*gate.primary, *gate.guardrails, *gate.floors)))
+
+    def show() -> None:
+        rows = version_summary(name, metrics, limit=args.limit)
+        if not rows:
+            print(f"{name}: no versions yet")
+            return
+        print(f"{name} (approval: {params.registry.approval}; metrics are the gate's, on each version's run)")
+        head = f"{'version':>7}  {'aliases':<28} {'status':<11} {'vs':<5}"
+        print(head + "".join(f" {m.removeprefix('eval.'):>12}" for m in metrics) + "  created (UTC)        last change")
+        for row in rows:
+            values = "".join(f" {_num(row['metrics'].get(m)):>12}" for m in metrics)
+            audit = row["last_audit"]
+            change = f"{audit['action']} by {audit['who']}: {audit['why'][:60]}" if audit else ""
+            print(
+                f"{row['version']:>7}  {','.join(row['aliases']):<28} {row['promotion']:<11} "
+                f"{row['compared_with'] or '':<5}{values}  {row['created'][:19]:<20} {change}"
+            )
+
+    return _registry_call(show)
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from pipeline.registry import promote_version
+
+    def act() -> None:
+        move = promote_version(_model_name(args), args.version, args.reason)
+        print(f"{move.model_name}: version {move.version} is now @champion (previous-champion: {move.previous}).")
+
+    return _registry_call(act)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from pipeline.registry import rollback
+
+    def act() -> None:
+        move = rollback(_model_name(args), args.reason or "")
+        print(f"{move.model_name}: rolled back: version {move.version} is @champion again (was {move.previous}).")
+
+    return _registry_call(act)
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    from pipeline.registry import approve
+
+    def act() -> None:
+        move = approve(_model_name(args), args.version, args.reason)
+        print(f"{move.model_name}: approved: version {move.version} is now @champion (was {move.previous}).")
+
+    return _registry_call(act)
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from pipeline import lineage
+
+    def act() -> None:
+        found = lineage.describe(args.model_uri)
+        if args.json:
+            print(json.dumps(found.__dict__ | {"commands": found.commands()}, indent=2, default=str))
+        else:
+            print(found.format(), end="")
+        if args.verify:
+            checks = lineage.verify(found, Path(args.project).resolve(), Path(args.verify))
+            print(f"Verify {args.verify} against {found.uri}:")
+            print(lineage.format_checks(checks), end="")
+            failed = [c.what for c in checks if c.required and not c.ok]
+            if failed:
+                raise lineage.registry.RegistryError(f"the rebuild differs from {found.uri}: {', '.join(failed)}")
+            print("REPRODUCED: same adapter tensors, params and prepared data.")
+
+    try:
+        lineage.parse_model_uri(args.model_uri)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return _registry_call(act)
+
+
+def add_registry_commands(sub: Any) -> None:
+    """promote, rollback, approve and lineage (docs/registry.md); `models` is declared in main()."""
+    name_help = "registered model name (default: registry.model_name)"
+    promote = sub.add_parser("promote", help="make a version @champion by hand (an audited override)")
+    promote.add_argument("version")
+    promote.add_argument("--reason", required=True, help="why (kept in the audit record)")
+    promote.add_argument("--name", help=name_help)
+    promote.set_defaults(func=cmd_promote)
+    rollback = sub.add_parser("rollback", help="put @previous-champion back behind @champion")
+    rollback.add_argument("--reason", help="why (kept in the audit record)")
+    rollback.add_argument("--name", help=name_help)
+    rollback.set_defaults(func=cmd_rollback)
+    approve = sub.add_parser("approve", help="promote the @challenger (registry.approval: manual)")
+    approve.add_argument("version", nargs="?", help="default: the version behind @challenger")
+    approve.add_argument("--reason", required=True, help="why (kept in the audit record)")
+    approve.add_argument("--name", help=name_help)
+    approve.set_defaults(func=cmd_approve)
+    lineage = sub.add_parser("lineage", help="what a version was made from, and how to rebuild it")
+    lineage.add_argument("model_uri", help="models:/<name>/<version> or models:/<name>@<alias>")
+    lineage.add_argument("--verify", metavar="ADAPTER_DIR", help="compare a rebuilt adapter (and project) with it")
+    lineage.add_argument("--json", action="store_true", help="print the lineage as JSON")
+    lineage.set_defaults(func=cmd_lineage)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -123,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(func=cmd_run)
     models = sub.add_parser("models", help="list registered versions")
     models.add_argument("--name", help="registered model name (default: registry.model_name)")
+    models.add_argument("--limit", type=int, default=20, help="newest versions shown (default 20)")
     models.set_defaults(func=cmd_models)
+    add_registry_commands(sub)
     sub.add_parser("ui", help="print the MLflow UI command").set_defaults(func=cmd_ui)
     serve = sub.add_parser("serve", help="serve the scheduled retrain (prefect.yaml) until interrupted")
     serve.add_argument("--port", type=int, help="port of the local Prefect server it starts (default 4200 or free)")

@@ -229,6 +229,9 @@ class EvaluateParams(_Section):
 
 class RegistryParams(_Section):
     model_name: Annotated[str, Field(min_length=1)] = "sdft"
+    # auto: a candidate that passes the gate becomes `champion`; manual: it becomes `challenger`, and a person
+    # moves `champion` with `sdft approve` (refused if the champion moved since the comparison).
+    approval: Literal["auto", "manual"] = "auto"
 
 
 class OrchestrationParams(_Section):
