@@ -202,16 +202,23 @@ def skipped(root: Path, params: Params, trigger: str, reason: str, data: str | N
     return Completed(name="Skipped", message=f"skipped: {reason}", data=result)
 
 
+def default_remote(root: Path) -> str | None:
+    """The DVC remote `dvc push` uses (core.remote), or None when the project has none."""
+    remote = subprocess.run([_tool("dvc"), "remote", "default"], cwd=root, capture_output=True, text=True)
+    name = remote.stdout.strip()
+    return name if remote.returncode == 0 and name else None
+
+
 @task(name="dvc push", retries=3, retry_delay_seconds=[10, 30, 90])
 def push_outputs(root: Path) -> None:
     """Send the stages' outputs to the default DVC remote (docs/scale-out.md), so other machines can `dvc pull`."""
-    remote = subprocess.run([_tool("dvc"), "remote", "default"], cwd=root, capture_output=True, text=True)
-    if remote.returncode != 0 or not remote.stdout.strip():
+    remote = default_remote(root)
+    if remote is None:
         get_run_logger().info("no default DVC remote: outputs stay in this workspace's cache")
         return
     pushed = subprocess.run([_tool("dvc"), "push"], cwd=root, capture_output=True, text=True)
     if pushed.returncode != 0:
-        raise RuntimeError(f"dvc push to '{remote.stdout.strip()}' failed:\n{pushed.stderr[-2000:]}")
+        raise RuntimeError(f"dvc push to '{remote}' failed:\n{pushed.stderr[-2000:]}")
     get_run_logger().info("%s", pushed.stdout[-2000:])
 
 
