@@ -161,6 +161,7 @@ def one_retrain_at_a_time(root: Path, params: Params) -> Iterator[str | None]:
     """
     from prefect.client.orchestration import get_client
     from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists
     from prefect.settings import get_current_settings
 
     wait_s = params.orchestration.lock_wait_minutes * 60
@@ -171,7 +172,7 @@ def one_retrain_at_a_time(root: Path, params: Params) -> Iterator[str | None]:
         try:
             if get_current_settings().api.url:
                 name = workspace_name(root)
-                with get_client(sync_client=True) as client:
+                with get_client(sync_client=True) as client, suppress(ObjectAlreadyExists):  # a twin run made it
                     client.upsert_global_concurrency_limit_by_name(name, limit=1)
                 held.enter_context(concurrency(name, timeout_seconds=wait_s, lease_duration=60, strict=True))
             held.enter_context(workspace_lock(root, wait_s, holder, on_wait=logger.info))
