@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -466,6 +467,13 @@ def train(
 
     torch.manual_seed(params.seed)
     accelerator = Accelerator(mixed_precision=pick_mixed_precision(params.mixed_precision))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        # Otherwise every process would train alone on the same data and all would write the outputs.
+        raise ParamsError(
+            f"{launched} processes were launched but accelerate runs {accelerator.num_processes}: without GPUs set "
+            "ACCELERATE_USE_CPU=true (gloo), or launch with `accelerate launch --config_file configs/accelerate/...`."
+        )
     trainable = select_trainable(components, params)
     counts = parameter_counts(components)
     print(describe_counts(counts, params.method))
