@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from PIL import ImageOps
 from tqdm.auto import tqdm
 
 from pipeline import checkpoint, env
@@ -245,6 +246,7 @@ class TrainData:
     """Cached inputs. Rows [0, n_instance) are the training images; after them, the prior-preservation class images."""
 
     latents: torch.Tensor  # (N, 4, H/8, W/8) VAE means, scaled
+    flipped: torch.Tensor | None  # the same of the mirrored images (data.random_flip), else None
     n_instance: int
     cond: dict[str, torch.Tensor] | None  # frozen text conditioning per row; None when a text encoder trains
     tokens: dict[str, torch.Tensor]  # token ids per row (encoded every step when a text encoder trains)
@@ -263,6 +265,7 @@ def encode_data(
     class_split: Split | None,
     cache_text: bool,
     device: torch.device,
+    random_flip: bool = False,
 ) -> TrainData:
     """Encode images once (the VAE is frozen), and captions once too unless a text encoder trains."""
     images, captions = list(train_split.images), list(train_split.captions)
@@ -275,6 +278,8 @@ def encode_data(
     time_ids = encode_conditioning(components, [""] * len(captions), resolution).get("time_ids")
     return TrainData(
         latents=encode_images(components.vae, images).to(device),
+        # Mirrored images are encoded too (not the latents flipped: the VAE is not exactly flip-equivariant).
+        flipped=encode_images(components.vae, [ImageOps.mirror(i) for i in images]).to(device) if random_flip else None,
         n_instance=len(train_split.images),
         cond={k: v.to(device) for k, v in cond.items()} if cond else None,
         tokens=tokenize(components, captions),
@@ -332,6 +337,8 @@ def draw_step(
     if params.input_perturbation:
         draw["perturbation"] = torch.randn(shape, generator=generator)
     draw["t"] = torch.randint(0, n_timesteps, (len(idx),), generator=generator)
+    if data.flipped is not None:
+        draw["flip"] = torch.rand(len(idx), generator=generator) < 0.5
     if params.caption_dropout:
         draw["drop"] = torch.rand(len(idx), generator=generator) < params.caption_dropout
     return draw
@@ -397,6 +404,9 @@ def accumulate_gradients(
     trained = [m for m in (components.unet, components.text_encoder, components.text_encoder_2) if _is_wrapped(m)]
     for m, rows in enumerate(micro):
         latents = data.latents[rows["idx"].to(data.latents.device)]  # (b, 4, H/8, W/8)
+        if "flip" in rows:  # data.random_flip: half the images mirrored
+            mirrored = data.flipped[rows["idx"].to(latents.device)]
+            latents = torch.where(rows["flip"].to(latents.device).view(-1, 1, 1, 1), mirrored, latents)
         noise = rows["noise"].to(latents.device)
         if params.noise_offset:
             # Offset noise (Guttenberg 2023): a per-channel constant lets the model shift overall brightness.
@@ -457,6 +467,7 @@ def train(
     class_split: Split | None = None,
     checkpoints: Path | None = None,
     fingerprint: str = "",
+    random_flip: bool = False,
 ) -> TrainResult:
     """Fine-tune the UNet (and optionally the text encoders); return the models holding the weights with the lowest
     held-out validation loss. With `checkpoints`, save resumable state there and resume from a matching checkpoint.
@@ -479,7 +490,9 @@ def train(
     print(describe_counts(counts, params.method))
     text_trains = params.train_text_encoder
     t0 = time.perf_counter()
-    data = encode_data(components, train_split, val_split, class_split, not text_trains, accelerator.device)
+    data = encode_data(
+        components, train_split, val_split, class_split, not text_trains, accelerator.device, random_flip
+    )
     encode_seconds = time.perf_counter() - t0
 
     scheduler = DDPMScheduler.from_config(
@@ -801,7 +814,7 @@ def run(params: Params, root: Path, args: argparse.Namespace) -> TrainResult:
     run_fingerprint = checkpoint.fingerprint(
         params.train.model_dump(),
         f"{params.base.model}@{params.base.revision}",
-        {"splits": data_identity(train_split, val_split, class_split)},
+        {"splits": data_identity(train_split, val_split, class_split), "random_flip": params.data.random_flip},
     )
     return train(
         components,
@@ -811,6 +824,7 @@ def run(params: Params, root: Path, args: argparse.Namespace) -> TrainResult:
         class_split=class_split,
         checkpoints=args.checkpoints,
         fingerprint=run_fingerprint,
+        random_flip=params.data.random_flip,
     )
 
 

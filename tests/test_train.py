@@ -273,6 +273,19 @@ def test_regularisers_change_training_and_stay_reproducible(tiny_model: Path, sp
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+def test_random_flip_mirrors_half_the_images(tiny_model: Path, splits) -> None:
+    from pipeline.train import LoopState, draw_step, encode_data
+
+    components = load_components(str(tiny_model))
+    data = encode_data(components, *splits, None, True, torch.device("cpu"), random_flip=True)
+    assert data.flipped.shape == data.latents.shape and not torch.allclose(data.flipped, data.latents)
+    draw = draw_step(LoopState(), data, tp(), 400, torch.Generator().manual_seed(0), 1000)
+    assert 0.4 < float(draw["flip"].float().mean()) < 0.6
+    plain = train(load_components(str(tiny_model)), *splits, tp(max_steps=1)).lora_state
+    flipped = train(load_components(str(tiny_model)), *splits, tp(max_steps=1), random_flip=True).lora_state
+    assert any(not torch.allclose(plain[k], flipped[k]) for k in plain)
+
+
 def test_ema_tracks_and_swaps_back() -> None:
     p = torch.nn.Parameter(torch.zeros(2))
     ema = EMA({"p": p}, decay=0.5)
