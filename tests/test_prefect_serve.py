@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from flows.serve import free_port, local_server
-from flows.trigger import workspace_name
+from flows.trigger import data_identity, history, record, workspace_name
 from tests.conftest import new_project, sdft_env, set_params
 from tests.test_flow_trigger import Receiver
 from tests.test_retrain_e2e import FAST, MODEL, runs
@@ -62,7 +62,9 @@ def project_with_prefect_yaml(path: Path, tiny_model: Path, overrides: dict[str,
     return project
 
 
-def test_prefect_deploy_registers_schedules_parameters_and_pool(api: str, tmp_path: Path, tiny_model: Path) -> None:
+def test_prefect_deploy_registers_the_deployment_and_a_process_worker_runs_it(
+    api: str, tmp_path: Path, tiny_model: Path
+) -> None:
     project = project_with_prefect_yaml(tmp_path / "project", tiny_model, {}, active=True)
     env = sdft_env(project) | {"PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "home")}
     prefect = [str(Path(sys.executable).parent / "prefect"), "--no-prompt"]
@@ -80,6 +82,26 @@ def test_prefect_deploy_registers_schedules_parameters_and_pool(api: str, tmp_pa
     (step,) = deployment.pull_steps
     assert step["prefect.deployments.steps.set_working_directory"]["directory"] == str(project)
     assert set(deployment.parameter_openapi_schema["properties"]) == {"project", "dry_run", "trigger"}
+
+    # A process worker picks a run up and starts the flow there: a data trigger on data the (seeded) last retrain
+    # saw, so it finishes as Skipped in seconds instead of retraining.
+    seen = data_identity(project / "data" / "demo")
+    record(project, {"outcome": "promoted", "data_identity": seen, "reason": "seeded by the test"})
+    run = trigger(api, wait=False, trigger="data")
+    worker = subprocess.Popen(
+        [*prefect, "worker", "start", "--pool", "sdft-process", "--run-once"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        done = wait_final(api, run.id, timeout_s=300)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+    assert done.state.name == "Skipped" and "data unchanged" in done.state.message, done.state
+    assert history(project)[-1]["flow_run"] == str(run.id)
 
 
 @pytest.fixture(scope="module")
