@@ -239,6 +239,10 @@ def log_reports(root: Path, run_id: str) -> None:
     registry.log_metrics(run_id, flat)
     registry.set_tags(run_id, {"sdft.stop_reason": summary["stop_reason"]})
     registry.log_artifacts(run_id, [root / REPORTS, root / "params.yaml", root / "dvc.lock"], "reports")
+    from pipeline.prepare import dataset_for_mlflow  # the prepared data as the run's dataset input (docs/data.md)
+
+    report = json.loads((root / REPORTS / "data_validation.json").read_text())
+    registry.log_dataset(run_id, *dataset_for_mlflow(report), context="train")
 
 
 @task(name="gate")
@@ -300,10 +304,15 @@ def report_failure(flow: Any, run: Any, state: State) -> None:
     notify.send(notify.settings_of(root), "failed", f"sdft retrain failed ({run.name}): {reason}", entry)
 
 
-@task(name="register", retries=2, retry_delay_seconds=[5, 15])
+@task(name="register")
 def register(root: Path, params: Params, outcome: promotion.GateOutcome, run_id: str) -> str:
-    """Log the adapter with the diffusers flavor, register it and move `champion`."""
-    return promotion.promote(params, root, outcome, run_id, root / "models" / "adapter")
+    """Log the adapter with the diffusers flavor and its lineage, register it and move `champion` (or `challenger`).
+
+    No task retries: each registry request retries on its own, and re-running the task after a partial failure would
+    register a second version.
+    """
+    flow_run_id = str(flow_run.get_id() or "")
+    return promotion.promote(params, root, outcome, run_id, root / "models" / "adapter", flow_run_id)
 
 
 @flow(name="retrain", log_prints=True, on_failure=[report_failure], on_crashed=[report_failure])
@@ -333,11 +342,17 @@ def retrain(project: str = ".", dry_run: bool = False, trigger: Trigger = "manua
             push_outputs(root)
             log_reports(root, run_id)
             outcome = run_gate(root, params)
-            version = None
+            version, stale = None, None
             if outcome.decision.promote and not dry_run:
-                version = register(root, params, outcome, run_id)
+                try:
+                    version = register(root, params, outcome, run_id)
+                except registry.StaleBaseline as exc:  # the champion moved: a rejection, no alias points to it
+                    stale = str(exc)
+                    get_run_logger().warning("not promoted: %s", stale)
             tags = {
-                "sdft.decision": "promote" if outcome.decision.promote else "reject",
+                "sdft.decision": "stale" if stale else "promote" if outcome.decision.promote else "reject",
+                "sdft.stale_reason": (stale or "")[:5000],
+                "sdft.approval": params.registry.approval,
                 "sdft.dry_run": str(dry_run).lower(),
                 "sdft.baseline": outcome.decision.baseline_source or "",
                 "sdft.model_version": version or "",
@@ -350,14 +365,14 @@ def retrain(project: str = ".", dry_run: bool = False, trigger: Trigger = "manua
             registry.end_run(run_id, "FAILED")
             raise
         registry.end_run(run_id)
-        decided = "promoted" if outcome.decision.promote else "rejected"
+        decided = "stale" if stale else "promoted" if outcome.decision.promote else "rejected"
         checks = {f"{c.metric}": c.candidate for c in outcome.decision.checks}
         entry = record(
             root,
             _entry(
                 trigger,
                 "dry-run" if dry_run else decided,
-                outcome.decision.reason,
+                stale or outcome.decision.reason,
                 data_identity=data,
                 mlflow_run_id=run_id,
                 model_version=version,
@@ -366,7 +381,7 @@ def retrain(project: str = ".", dry_run: bool = False, trigger: Trigger = "manua
         )
     report = (root / REPORTS / "gate.md").read_text()
     publish(root, params, entry, report)
-    return RetrainResult(version is not None, version, run_id, outcome.decision.reason, report)
+    return RetrainResult(version is not None, version, run_id, stale or outcome.decision.reason, report)
 
 
 if __name__ == "__main__":

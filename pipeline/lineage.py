@@ -92,10 +92,21 @@ def _git(root: Path, *args: str) -> str:
     return result.stdout.strip() if result.returncode == 0 else ""
 
 
+# Bookkeeping that DVC writes and stages (`dvc init`, `dvc repro`) without changing what a stage computes.
+_NOT_DIRTY = (":(exclude).dvc", ":(exclude).dvcignore", ":(exclude)dvc.lock", ":(exclude,glob)**/.gitignore")
+
+
+def dirty_paths(root: Path) -> list[str]:
+    """Tracked files that differ from the commit (staged or not), DVC's bookkeeping aside."""
+    args = ["git", "status", "--porcelain", "-z", "--untracked-files=no", "--", ".", *_NOT_DIRTY]
+    result = subprocess.run(args, cwd=root, capture_output=True, text=True)
+    return [entry[3:] for entry in result.stdout.split("\0") if entry.strip()] if result.returncode == 0 else []
+
+
 def git_state(root: Path) -> tuple[str, bool]:
     """(commit, dirty) of the project, or ("", False) outside git. Untracked files (outputs) do not count."""
     commit = _git(root, "rev-parse", "HEAD")
-    return commit, bool(commit) and bool(_git(root, "status", "--porcelain", "--untracked-files=no"))
+    return commit, bool(commit) and bool(dirty_paths(root))
 
 
 def git_remote(root: Path) -> str:
@@ -147,6 +158,7 @@ def tags(
     out = {
         "mlflow.source.git.commit": commit,
         "sdft.git.dirty": str(dirty).lower(),
+        "sdft.git.dirty_paths": ",".join(dirty_paths(root))[:5000] if dirty else "",
         "sdft.git.remote": git_remote(root),
         "sdft.params_hash": params_hash(root / "params.yaml"),
         "sdft.base_model": base_model,
@@ -205,10 +217,17 @@ class Lineage:
         if not commit:
             return []
         remote = t.get("sdft.git.remote") or "<this project's git repository>"
-        cmds = [f"git clone {remote} sdft-v{self.version} && cd sdft-v{self.version}", f"git checkout {commit}"]
+        cmds = [
+            f"git clone {remote} sdft-v{self.version} && cd sdft-v{self.version}",
+            f"git checkout {commit}",
+            "test -d .dvc || dvc init -q  # a commit without DVC metadata: the retrain flow runs the same",
+        ]
         if t.get("sdft.base_model") == EMBEDDED_BASE:
-            cmds.append("sdft init")
-        cmds += ["dvc repro", f"sdft lineage {self.uri} --verify models/adapter"]
+            cmds.append("sdft init  # rebuilds the embedded tiny base model, deterministic from code")
+        cmds += [
+            "dvc repro train  # prepare + train: the adapter (plain `dvc repro` also re-runs evaluate)",
+            f"sdft lineage {self.uri} --verify models/adapter",
+        ]
         return cmds
 
     def warnings(self) -> list[str]:
@@ -217,11 +236,12 @@ class Lineage:
             out.append("no git commit was recorded (the project was not a git repository): it cannot be rebuilt.")
         if t.get("sdft.git.dirty") == "true":
             out.append(
-                "the working tree had uncommitted changes to tracked files when it was trained: the commit alone may "
-                "not rebuild it (compare sdft.params_hash and the stage hashes after `dvc repro`)."
+                "the working tree had uncommitted changes to tracked files when it was trained "
+                f"({t.get('sdft.git.dirty_paths') or 'see sdft.git.dirty_paths'}): the commit alone may not rebuild "
+                "it (compare sdft.params_hash and the stage hashes after `dvc repro`)."
             )
         base = t.get("sdft.base_model", "")
-        hub_id = base.count("/") == 1 and not base.startswith((".", "/", "models/")) and not Path(base).suffix
+        hub_id = base.count("/") == 1 and not base.startswith((".", "/", "~", "models/"))
         if base and base != EMBEDDED_BASE and not hub_id:
             out.append(f"the base model is the local folder {base}: put the same weights there before `dvc repro`.")
         elif hub_id and not t.get("sdft.base_model_revision"):

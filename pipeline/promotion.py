@@ -8,9 +8,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import registry
+from pipeline import lineage, registry
 from pipeline.config import Params, resolve_model
 from pipeline.gate import Decision, MetricSet, decide
 
@@ -100,52 +98,24 @@ def gate(params: Params, root: Path, prepared: Path, metrics_file: Path, samples
     return GateOutcome(decision, kind, champion.version if champion else None, eval_set_hash, record)
 
 
-def params_hash(params_file: Path) -> str:
-    return hashlib.sha256(params_file.read_bytes()).hexdigest()
+# Kept here for callers of the earlier API (flows/retrain.py reads the git state through promotion).
+git_state = lineage.git_state
+params_hash = lineage.params_hash
 
 
-def git_state(root: Path) -> tuple[str, bool]:
-    """(commit, dirty) of the project, or ("", False) outside git."""
+def promote(params: Params, root: Path, outcome: GateOutcome, run_id: str, adapter: Path, flow_run_id: str = "") -> str:
+    """Register the candidate with its lineage; return the version. Call only when the gate said promote.
 
-    def git(*args: str) -> str:
-        result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-        return result.stdout.strip() if result.returncode == 0 else ""
-
-    commit = git("rev-parse", "HEAD")
-    return commit, bool(commit) and bool(git("status", "--porcelain", "--untracked-files=no"))
-
-
-def lineage_tags(params: Params, root: Path, run_id: str, eval_set_hash: str) -> dict[str, str]:
-    """Tags that lead a model version back to its code, data and params."""
-    import yaml
-
-    commit, dirty = git_state(root)
-    lock_file = root / "dvc.lock"
-    lock = yaml.safe_load(lock_file.read_text()) if lock_file.is_file() else {}
-    tags = {
-        "mlflow.source.git.commit": commit,
-        "sdft.git.dirty": str(dirty).lower(),
-        "sdft.params_hash": params_hash(root / "params.yaml"),
-        "sdft.base_model": params.base.model,
-        "sdft.base_model_revision": params.base.revision or "",
-        "sdft.run_id": run_id,
-        "sdft.eval_set_hash": eval_set_hash,
-        "sdft.prefect_flow_run_id": os.environ.get("PREFECT__FLOW_RUN_ID", ""),
-    }
-    for stage, entry in (lock.get("stages") or {}).items():
-        outs = entry.get("outs") or []
-        tags[f"sdft.dvc.{stage}.outs"] = ",".join(f"{o['path']}:{o.get('md5', '')}" for o in outs)
-        if stage == "prepare" and outs:
-            tags["sdft.data_digest"] = outs[0].get("md5", "")
-    return tags
-
-
-def promote(params: Params, root: Path, outcome: GateOutcome, run_id: str, adapter: Path) -> str:
-    """Register the candidate and make it champion; return the version. Call only when the gate said promote."""
+    registry.approval auto: the version becomes `champion`. manual: it becomes `challenger`, for `sdft approve`.
+    Raises registry.StaleBaseline when the champion moved since the comparison (the version is then tagged stale).
+    """
     if not outcome.decision.promote:
         raise ValueError("the gate rejected this candidate; refusing to register it")
-    tags = lineage_tags(params, root, run_id, outcome.eval_set_hash)
+    tags = lineage.tags(
+        root, params.base.model, params.base.revision, run_id, outcome.eval_set_hash, flow_run_id, adapter
+    )
     tags["sdft.decision"] = "promote"
+    tags["sdft.approval"] = params.registry.approval
     return registry.register(
         run_id,
         adapter,
@@ -154,4 +124,6 @@ def promote(params: Params, root: Path, outcome: GateOutcome, run_id: str, adapt
         expected_champion=outcome.champion_version,
         description=outcome.decision.to_markdown(),
         version_tags=tags,
+        approval=params.registry.approval,
+        reason=outcome.decision.reason,
     )

@@ -19,6 +19,7 @@ import getpass
 import json
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -207,32 +208,44 @@ def _missing(exc: Exception) -> bool:
     return getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 
 
-def alias_version(model_name: str, alias: str) -> str | None:
-    """The version behind `alias`, or None (no registered model or no such alias)."""
+def _by_alias(model_name: str, alias: str) -> Any | None:
+    """The ModelVersion behind `alias`, or None when the model or the alias does not exist."""
     from mlflow.exceptions import MlflowException
 
     c = client()
     try:
-        mv = with_retries(lambda: c.get_model_version_by_alias(model_name, alias), f"read alias {alias}")
+        return with_retries(lambda: c.get_model_version_by_alias(model_name, alias), f"read alias {alias}")
     except MlflowException as exc:
         if _missing(exc):
             return None
+        # Basic auth answers 403, not 404, for an alias of a model that does not exist yet (the first run).
+        if exc.error_code == "PERMISSION_DENIED" and not _model_exists(c, model_name):
+            return None
         raise
-    return str(mv.version)
+
+
+def _model_exists(c: Any, model_name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        with_retries(lambda: c.get_registered_model(model_name), "read model")
+        return True
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+
+
+def alias_version(model_name: str, alias: str) -> str | None:
+    """The version behind `alias`, or None (no registered model or no such alias)."""
+    mv = _by_alias(model_name, alias)
+    return str(mv.version) if mv else None
 
 
 def champion(model_name: str) -> Champion | None:
     """The version behind `@champion`, or None on the first run (no registered model or no alias yet)."""
-    from mlflow.exceptions import MlflowException
-
-    c = client()
-    try:
-        mv = with_retries(lambda: c.get_model_version_by_alias(model_name, CHAMPION), "read champion alias")
-    except MlflowException as exc:
-        if _missing(exc):
-            return None
-        raise
-    return Champion(version=str(mv.version), run_id=mv.run_id, source=mv.source)
+    mv = _by_alias(model_name, CHAMPION)
+    return Champion(version=str(mv.version), run_id=mv.run_id, source=mv.source) if mv else None
 
 
 def get_version(model_name: str, version: str) -> Any:
@@ -357,8 +370,6 @@ def register(
     the stalled one then finds the champion moved and stops. Both need a person or a frozen process at exactly the
     wrong moment; the audit trail on the model shows it if it ever happens.
     """
-    import mlflow.diffusers
-
     if approval not in ("auto", "manual"):
         raise ValueError(f"approval must be 'auto' or 'manual', not {approval!r}")
     expected = str(expected_champion) if expected_champion else None
@@ -370,13 +381,8 @@ def register(
             "registered."
         )
     env.configure()
-    # run_id rather than `mlflow.start_run`: no process-wide active run, and the run stays RUNNING until the flow
-    # ends it (other registrations read that: see claim_and_promote).
-    info = with_retries(
-        lambda: mlflow.diffusers.log_model(str(adapter_dir), base_model=base_model, name="model", run_id=run_id),
-        "log model",
-    )
     c = client()
+    info = with_retries(lambda: _log_model(c, run_id, adapter_dir, base_model), "log model")
     _ensure_registered_model(c, model_name)
     claim = secrets.token_hex(8)
     status = "pending" if approval == "auto" else CHALLENGER
@@ -402,6 +408,32 @@ def register(
         _tag_quietly(c, model_name, version, {PROMOTION: "failed"})
         raise
     return version
+
+
+_LOG_MODEL = threading.Lock()
+
+
+def _log_model(c: Any, run_id: str, adapter_dir: Path, base_model: str) -> Any:
+    """`mlflow.diffusers.log_model` into `run_id`, without `mlflow.start_run` (which would end the run on exit: the
+    run must stay RUNNING until the flow ends it, see claim_and_promote).
+
+    Given only a run id, MLflow files the LoggedModel under the *active* experiment (the Default one, where a
+    basic-auth user may not create anything), so the run's experiment is made active for the call, under a lock
+    because that setting is process-wide.
+    """
+    import mlflow.diffusers
+
+    experiment = with_retries(lambda: c.get_run(run_id), "read run").info.experiment_id
+    with _LOG_MODEL:
+        before = os.environ.get("MLFLOW_EXPERIMENT_ID")
+        os.environ["MLFLOW_EXPERIMENT_ID"] = experiment
+        try:
+            return mlflow.diffusers.log_model(str(adapter_dir), base_model=base_model, name="model", run_id=run_id)
+        finally:
+            if before is None:
+                os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+            else:
+                os.environ["MLFLOW_EXPERIMENT_ID"] = before
 
 
 def claim_and_promote(c: Any, model_name: str, mv: Any, expected: str | None, claim: str, reason: str) -> None:
@@ -463,12 +495,8 @@ def _make_challenger(c: Any, model_name: str, version: str, expected: str | None
 def _ensure_registered_model(c: Any, model_name: str) -> None:
     from mlflow.exceptions import MlflowException
 
-    try:
-        with_retries(lambda: c.get_registered_model(model_name), "read model")
+    if _model_exists(c, model_name):
         return
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
     try:
         with_retries(lambda: c.create_registered_model(model_name), "create model")
     except MlflowException as exc:

@@ -10,8 +10,10 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,3 +128,53 @@ def save_test_adapter(base_model: Path, out: Path, seed: int = 0) -> Path:
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True)
     return out
+
+
+class Tap:
+    """A TCP forwarder in front of a server that runs `action` once, just before forwarding the first request whose
+    bytes contain `trigger`: a way to make something happen at an exact point of another process's conversation
+    with MLflow (e.g. a person moving an alias while a flow registers its version)."""
+
+    def __init__(self, target_port: int, trigger: bytes, action: Callable[[], None]) -> None:
+        self.target, self.trigger, self.action = target_port, trigger, action
+        self.fired = threading.Event()
+        self.errors: list[BaseException] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                downstream, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            threading.Thread(target=self._pump, args=(downstream, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, downstream, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if from_client and self.trigger in data:
+                    with self._lock:
+                        if not self.fired.is_set():
+                            try:
+                                self.action()
+                            except BaseException as exc:  # noqa: BLE001 - reported by the test
+                                self.errors.append(exc)
+                            self.fired.set()
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.listener.close()
