@@ -404,8 +404,15 @@ def register(
         _tag_quietly(c, model_name, version, {PROMOTION: "stale", "sdft.stale_reason": str(exc)[:5000]})
         raise
     except BaseException:
-        # The server may be down: one quick try to mark the version, so it never looks like a live candidate.
-        _tag_quietly(c, model_name, version, {PROMOTION: "failed"})
+        # The server may be down: one quick try to mark the version, so it never looks like a live candidate (unless
+        # the failure came after the alias moved: then it is the champion, whatever its tags say).
+        alias = CHALLENGER if approval == "manual" else CHAMPION
+        try:
+            moved = str(c.get_model_version_by_alias(model_name, alias).version) == version
+        except Exception:  # noqa: BLE001 - no such alias (or no server: the tag below then fails quietly)
+            moved = False
+        if not moved:
+            _tag_quietly(c, model_name, version, {PROMOTION: "failed"})
         raise
     return version
 
