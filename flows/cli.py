@@ -132,7 +132,11 @@ def cmd_models(args: argparse.Namespace) -> int:
         for row in rows:
             values = "".join(f" {_num(row['metrics'].get(m)):>12}" for m in metrics)
             audit = row["last_audit"]
-            change = f"{audit['action']} by {audit['who']}: {audit['why'][:60]}" if audit else ""
+            change = ""
+            if audit:
+                other = audit.get("version") not in (None, row["version"])  # e.g. it lost the champion to another
+                what = f"{audit['action']} of v{audit['version']}" if other else audit["action"]
+                change = f"{what} by {audit['who']}: {audit['why'][:60]}"
             print(
                 f"{row['version']:>7}  {','.join(row['aliases']):<28} {row['promotion']:<11} "
                 f"{row['compared_with'] or '':<5}{values}  {row['created'][:19]:<20} {change}"

@@ -282,7 +282,9 @@ class Lineage:
         if self.audit:
             lines.append("Audit:")
             lines += [
-                f"  {a.get('when', '')}  {a.get('action', ''):<9} by {a.get('who', '?')}: {a.get('why', '')}"
+                f"  {a.get('when', '')}  {a.get('action', '')} v{a.get('version', '?')}"
+                + (f" ({a['by']})" if a.get("by") else "")
+                + f" by {a.get('who', '?')}: {a.get('why', '')}"
                 for a in self.audit
             ]
         lines += [f"warning: {w}" for w in self.warnings()]
