@@ -772,7 +772,12 @@ def save_adapter(result: TrainResult, out: Path) -> Path:
             # `convert_state_dict_to_diffusers` renames only the attention keys, and a file mixing both namings
             # loads wrongly once LoRA also targets feed-forward or conv layers.
             layers[f"{name}_lora_layers"] = lora_state_dict(model)
-            metadata[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
+            config = model.peft_config["default"].to_dict()
+            # Sets (target_modules) are sorted here: diffusers writes them in set order, which changes per process.
+            # (safetensors still orders the header's metadata keys per process, so rebuilds compare tensor hashes.)
+            metadata[f"{name}_lora_adapter_metadata"] = {
+                k: sorted(v) if isinstance(v, set) else v for k, v in config.items()
+            }
         # Only SDXL's writer knows `text_encoder_2`; both write the same keys otherwise.
         pipeline_class = StableDiffusionXLPipeline if "text_encoder_2" in result.models else StableDiffusionPipeline
         pipeline_class.save_lora_weights(partial, **layers, **metadata, safe_serialization=True)
