@@ -13,7 +13,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo test lint format serve ui clean
+.PHONY: install demo test test-slow lint format serve ui clean
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
@@ -32,8 +32,14 @@ demo: install
 	$(BIN)/sdft init
 	$(BIN)/sdft run
 
+# The README's test command: unit tests, the data/train/evaluate tests and the end-to-end retrain (about 10 minutes
+# on 2 cores). test-slow adds the service-level tests: real Prefect and MLflow servers, basic auth, kill-and-resume,
+# two-process DDP, torch.compile (about 15 minutes more). CI runs both.
 test: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not slow"
+
+test-slow: install
+	$(BIN)/pytest -q -m slow
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -102,6 +102,10 @@ def test_prefect_deploy_registers_the_deployment_and_a_process_worker_runs_it(
         worker.wait(timeout=60)
     assert done.state.name == "Skipped" and "data unchanged" in done.state.message, done.state
     assert history(project)[-1]["flow_run"] == str(run.id)
+    # A worker deployment and a served one of the same name do not mix on one server (the served one would inherit
+    # this one's pull steps): remove it before the tests that serve.
+    with client(api) as c:
+        c.delete_deployment(deployment.id)
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,6 @@ import pytest
 
 from tests.conftest import new_project, run_dvc, run_sdft, set_params
 
-pytestmark = pytest.mark.slow
-
 FAST = {
     "train.max_steps": 60,
     "train.validation_every": 20,
