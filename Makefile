@@ -41,11 +41,13 @@ test: install
 test-slow: install
 	$(BIN)/pytest -q -m slow
 
+PY_DIRS := pipeline flows tests bench
+
 lint: install
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check $(PY_DIRS) && $(BIN)/ruff format --check $(PY_DIRS)
 
 format: install
-	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
+	$(BIN)/ruff check --fix $(PY_DIRS) && $(BIN)/ruff format $(PY_DIRS)
 
 ui: install
 	$$($(BIN)/sdft ui)

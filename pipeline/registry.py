@@ -687,7 +687,3 @@ def version_summary(model_name: str, metric_names: list[str] | None = None, limi
             }
         )
     return rows
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, indent=2, sort_keys=True, default=str)
