@@ -71,8 +71,8 @@ def write_clip_tokenizer(folder: Path) -> Path:
 
 def build_tiny_sd(folder: Path, seed: int = 0) -> Path:
     """Build the tiny SD 1.x-shaped pipeline deterministically and save it in the diffusers layout."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     folder = Path(folder)
     torch.manual_seed(seed)
@@ -86,33 +86,9 @@ def build_tiny_sd(folder: Path, seed: int = 0) -> Path:
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    torch.manual_seed(seed + 1)
-    # Four blocks: three 2x downsamples, the same 8x factor as SD's VAE, so 64 px images give 8x8 latents.
-    vae = AutoencoderKL(
-        block_out_channels=(32, 32, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=32,
-        sample_size=64,
-    )
+    vae = _tiny_vae(seed + 1)
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=32,
-            hidden_act="quick_gelu",
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
+    text_encoder = CLIPTextModel(_tiny_text_config("quick_gelu"))
     # SD 1.5's own scheduler configuration.
     scheduler = PNDMScheduler(
         beta_start=0.00085,
@@ -123,23 +99,17 @@ def build_tiny_sd(folder: Path, seed: int = 0) -> Path:
         skip_prk_steps=True,
         steps_offset=1,
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "tokenizer"))
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        tokenizer=_clip_tokenizer(),
         unet=unet,
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    # Write to a sibling folder and rename, so an interrupted build never leaves a half-written model behind.
-    partial = folder.with_name(folder.name + ".partial")
-    pipe.save_pretrained(partial, safe_serialization=True)
-    partial.rename(folder)
-    return folder
+    return _save_atomically(pipe, folder)
 
 
 def _tiny_vae(seed: int, scaling_factor: float = 0.18215) -> Any:
@@ -185,6 +155,7 @@ def _clip_tokenizer() -> Any:
 
 
 def _save_atomically(pipe: Any, folder: Path) -> Path:
+    """Write to a sibling folder and rename, so an interrupted build never leaves a half-written model behind."""
     partial = folder.with_name(folder.name + ".partial")
     pipe.save_pretrained(partial, safe_serialization=True)
     partial.rename(folder)

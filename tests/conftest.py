@@ -20,6 +20,15 @@ REPO = Path(__file__).resolve().parents[1]
 for _key, _value in OFFLINE_DEFAULTS.items():
     os.environ.setdefault(_key, _value)
 PROJECT_FILES = ["dvc.yaml", "params.yaml", "pipeline", "flows", "data/demo"]
+# A retrain in about a minute on 2 cores: short training, few generated images and steps.
+FAST = {
+    "train.max_steps": 60,
+    "train.validation_every": 20,
+    "evaluate.images_per_prompt": 1,
+    "evaluate.num_inference_steps": 4,
+    "evaluate.val_timesteps": 6,
+}
+MODEL = "sdft-demo"  # registry.model_name in params.yaml
 
 
 @pytest.fixture(scope="session")

@@ -20,19 +20,10 @@ import pytest
 import yaml
 
 from pipeline import lineage, registry
-from tests.conftest import new_project, sdft_env
+from tests.conftest import FAST, MODEL, new_project, sdft_env
 from tests.mlflow_server import MlflowServer, Tap, client_env
 
 pytestmark = pytest.mark.slow
-
-FAST = {
-    "train.max_steps": 60,
-    "train.validation_every": 20,
-    "evaluate.images_per_prompt": 1,
-    "evaluate.num_inference_steps": 4,
-    "evaluate.val_timesteps": 6,
-}
-MODEL = "sdft-demo"
 
 
 def sdft(project: Path, uri: str, *args: str, extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:

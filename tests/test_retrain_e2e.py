@@ -12,16 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import new_project, run_dvc, run_sdft, set_params
-
-FAST = {
-    "train.max_steps": 60,
-    "train.validation_every": 20,
-    "evaluate.images_per_prompt": 1,
-    "evaluate.num_inference_steps": 4,
-    "evaluate.val_timesteps": 6,
-}
-MODEL = "sdft-demo"
+from tests.conftest import FAST, MODEL, new_project, run_dvc, run_sdft, set_params
 
 
 def mlflow_client(project: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
