@@ -51,6 +51,8 @@ from pipeline.export import KOHYA_FILE, export_kohya, model_card
 from pipeline.tracking import LiveLog
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+# Beside the weights: what they are (method, architecture, prediction type, base model), for evaluate and the registry.
+TRAINING_FILE = "training.json"
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP text encoder attention
 
 
@@ -72,6 +74,7 @@ class TrainResult:
     resumed_from_step: int | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     cost: dict[str, float] = field(default_factory=dict)
+    prediction_type: str = "epsilon"  # what the UNet was trained to predict (the base scheduler's, or the override)
 
     @property
     def lora_state(self) -> dict[str, torch.Tensor]:
@@ -613,6 +616,7 @@ def train(
         parameters=counts,
         resumed_from_step=resumed_from,
         history=state.history,
+        prediction_type=scheduler.config.prediction_type,
         cost={
             "train_seconds": round(seconds, 3),
             "encode_seconds": round(encode_seconds, 3),
@@ -752,7 +756,7 @@ def _peak_memory_mb() -> float:
 # --- outputs -----------------------------------------------------------------------------------------------------
 
 
-def save_adapter(result: TrainResult, out: Path) -> Path:
+def save_adapter(result: TrainResult, out: Path, base: dict[str, Any] | None = None) -> Path:
     """Write what was trained, atomically.
 
     LoRA: the diffusers LoRA format (`load_lora_weights` reads it), with the LoRA config (rank, alpha) in the
@@ -784,6 +788,15 @@ def save_adapter(result: TrainResult, out: Path) -> Path:
     else:
         for name, model in result.models.items():
             model.save_pretrained(partial / name, safe_serialization=True)
+    description = {
+        "format_version": 1,
+        "method": result.method,
+        "architecture": "sdxl" if "text_encoder_2" in result.models else "sd",
+        "prediction_type": result.prediction_type,
+        "trained": sorted(result.models),
+        **(base or {}),
+    }
+    (partial / TRAINING_FILE).write_text(json.dumps(description, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)
     return out / ADAPTER_FILE if result.method == "lora" else out
@@ -862,7 +875,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not PartialState().is_main_process:
         return 0
-    save_adapter(result, args.out)
+    save_adapter(result, args.out, {"base_model": params.base.model, "base_revision": params.base.revision})
     if params.train.export_kohya:
         export_kohya(args.out, args.out / KOHYA_FILE, params.base.model, result.data_hash)
     write_reports(result, args.report)

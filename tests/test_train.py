@@ -24,6 +24,7 @@ from pipeline.demo_data import BACKGROUNDS, COLOURS, SHAPES, draw_shape
 from pipeline.diffusion import Split, load_components, read_split
 from pipeline.train import (
     EMA,
+    TRAINING_FILE,
     NonFiniteLoss,
     loss_weights,
     main,
@@ -366,6 +367,9 @@ def test_full_finetune_trains_only_the_named_blocks(tmp_path: Path, tiny_model: 
     saved = UNet2DConditionModel.from_pretrained(tmp_path / "out", subfolder="unet").state_dict()
     changed = {k for k in before if not torch.equal(before[k], saved[k])}
     assert changed and all(k.startswith(("up_blocks.1.", "mid_block.")) for k in changed)
+    described = json.loads((tmp_path / "out" / TRAINING_FILE).read_text())
+    assert described["method"] == "full" and described["trained"] == ["unet"]
+    assert described["architecture"] == "sd" and described["prediction_type"] == "epsilon"
 
 
 def test_train_blocks_that_match_nothing_is_an_error(tiny_model: Path, splits) -> None:
