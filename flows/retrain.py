@@ -1,4 +1,4 @@
-"""The retrain flow: DVC stages (prepare -> train -> evaluate), then gate, then register.
+"""The retrain flow: DVC stages (prepare -> encode -> train -> evaluate), then gate, then register.
 
 The stage graph lives in `dvc.yaml` alone; each stage runs as a task through `dvc repro <stage>`, so DVC skips what is
 up to date. Gate and registration depend on the registry, which DVC cannot track, so they run here, with what a

@@ -78,6 +78,11 @@ class DataParams(_Section):
     random_flip: bool = Field(
         False, description="Training-time: mirror each image at random (train reads it; prepare does not)."
     )
+    precompute: bool = Field(
+        True,
+        description="Stage encode: store VAE latents and frozen text conditioning of the prepared data, keyed to "
+        "the base model, so train does not re-encode them (data/encoded).",
+    )
 
     @field_validator("source")
     @classmethod
@@ -156,6 +161,10 @@ class TrainParams(_Section):
     gradient_checkpointing: bool = False
     channels_last: bool = False
     compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    frozen_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto", description="method lora: dtype of the frozen weights (auto: the mixed-precision dtype, fp32 on CPU)."
+    )
     log_every: Annotated[int, Field(ge=1)] = 10
     validation_every: Annotated[int, Field(ge=1)] = 25
     validation_timesteps: Annotated[int, Field(ge=1)] = 4
@@ -176,6 +185,11 @@ class TrainParams(_Section):
     def _consistent(self) -> TrainParams:
         if self.train_blocks and self.method != "full":
             raise ValueError("train_blocks applies to method 'full' only; LoRA layers are chosen by lora_targets")
+        if self.frozen_precision in ("fp16", "bf16") and self.method != "lora":
+            raise ValueError(
+                "frozen_precision applies to method 'lora': a full fine-tune saves whole models, so their frozen "
+                "blocks stay fp32 (set frozen_precision: auto or no)"
+            )
         if self.export_kohya and self.method != "lora":
             raise ValueError("export_kohya exports a LoRA: it needs method 'lora' (full fine-tuning saves unet/)")
         return self

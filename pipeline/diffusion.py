@@ -115,6 +115,24 @@ def encode_images(vae: Any, images: list[Image.Image], batch_size: int = 16) -> 
     return torch.cat(out).float()
 
 
+def size_groups(shapes: list[tuple[int, ...]]) -> list[list[int]]:
+    """Row indices grouped by shape (aspect-ratio buckets), groups in order of first appearance."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for row, shape in enumerate(shapes):
+        groups.setdefault(tuple(shape), []).append(row)
+    return list(groups.values())
+
+
+@torch.no_grad()
+def encode_image_list(vae: Any, images: list[Image.Image], batch_size: int = 16) -> list[torch.Tensor]:
+    """Latents of images of any sizes (aspect-ratio buckets): one (4, h/8, w/8) tensor per image, in order."""
+    out: list[torch.Tensor] = [torch.empty(0)] * len(images)
+    for rows in size_groups([(i.height, i.width) for i in images]):
+        for row, latent in zip(rows, encode_images(vae, [images[r] for r in rows], batch_size), strict=True):
+            out[row] = latent
+    return out
+
+
 @torch.no_grad()
 def encode_text(tokenizer: Any, text_encoder: Any, captions: list[str], batch_size: int = 64) -> torch.Tensor:
     """Last hidden states of the text encoder (what SD's cross-attention reads), shape (N, 77, D)."""
@@ -174,18 +192,30 @@ def size_conditioning(n: int, height: int, width: int) -> torch.Tensor:
     return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).repeat(n, 1)
 
 
+def sizes_conditioning(sizes: list[tuple[int, int]]) -> torch.Tensor:
+    """`size_conditioning` per row, for images of different sizes (aspect-ratio buckets): sizes are (height, width)."""
+    return torch.tensor([[h, w, 0, 0, h, w] for h, w in sizes], dtype=torch.float32).reshape(-1, 6)
+
+
 @torch.no_grad()
 def encode_conditioning(
-    components: Components, captions: list[str], resolution: int, batch_size: int = 64
+    components: Components, captions: list[str], resolution: int | list[tuple[int, int]], batch_size: int = 64
 ) -> dict[str, torch.Tensor]:
-    """Frozen text conditioning for every caption, computed once: {"emb"} (+ {"pooled", "time_ids"} for SDXL)."""
+    """Frozen text conditioning for every caption, computed once: {"emb"} (+ {"pooled", "time_ids"} for SDXL).
+
+    `resolution`: the square training size, or each caption's image (height, width) when sizes differ.
+    """
     parts = [
         text_conditioning(components, tokenize(components, captions[start : start + batch_size]))
         for start in range(0, len(captions), batch_size)
     ]
     cond = {key: torch.cat([p[key] for p in parts]).float() for key in parts[0]}
     if components.is_sdxl:
-        cond["time_ids"] = size_conditioning(len(captions), resolution, resolution)
+        cond["time_ids"] = (
+            sizes_conditioning(resolution)
+            if isinstance(resolution, list)
+            else size_conditioning(len(captions), resolution, resolution)
+        )
     return cond
 
 
@@ -211,7 +241,7 @@ def diffusion_target(noise_scheduler: Any, latents: torch.Tensor, noise: torch.T
 def fixed_validation_loss(
     unet: Any,
     noise_scheduler: Any,
-    latents: torch.Tensor,
+    latents: torch.Tensor | list[torch.Tensor],
     embeddings: torch.Tensor | dict[str, torch.Tensor],
     n_timesteps: int,
     seed: int,
@@ -222,8 +252,20 @@ def fixed_validation_loss(
     The noise comes from a CPU generator seeded with `seed`, drawn in one go for all (timestep, sample) pairs, so the
     same held-out set gives the same numbers for every model, step and run; differences are due to the model alone.
     `embeddings` is the text states (N, 77, D), or the conditioning dict of `encode_conditioning` (SDXL).
+    `latents` may also be a list of per-image latents of different sizes (aspect-ratio buckets): each size group is
+    scored on its own, with the same seed, and the per-sample values come back in the list's order.
     """
     cond = embeddings if isinstance(embeddings, dict) else {"emb": embeddings}
+    if isinstance(latents, list):
+        losses = torch.zeros(len(latents))
+        for rows in size_groups([tuple(x.shape) for x in latents]):
+            index = torch.tensor(rows)
+            group = torch.stack([latents[r] for r in rows])
+            group_cond = {k: v[index] for k, v in cond.items()}
+            losses[index] = fixed_validation_loss(
+                unet, noise_scheduler, group, group_cond, n_timesteps, seed, batch_size
+            )
+        return losses
     n_train = noise_scheduler.config.num_train_timesteps
     # Midpoints of n equal bins over [0, T): covers the whole noise range, including the hard, low-noise end.
     timesteps = ((torch.arange(n_timesteps) + 0.5) * n_train / n_timesteps).long()
@@ -243,3 +285,49 @@ def fixed_validation_loss(
             per_sample = F.mse_loss(pred.float().cpu(), target, reduction="none").mean(dim=(1, 2, 3))
             losses[start : start + batch_size] += per_sample / n_timesteps
     return losses
+
+
+def _stock_text_encoder_lora() -> bool:
+    """Whether transformers' own adapter API accepts the installed peft (transformers 5 asks for peft >= 0.22)."""
+    try:
+        from transformers.integrations.peft import MIN_PEFT_VERSION
+        from transformers.utils.peft_utils import check_peft_version
+    except ImportError:
+        return True
+    try:
+        check_peft_version(MIN_PEFT_VERSION)
+    except ValueError:
+        return False
+    return True
+
+
+def load_lora(pipe: Any, folder: Path | str) -> None:
+    """`pipe.load_lora_weights(folder)`, also for text-encoder LoRA where transformers refuses the installed peft.
+
+    diffusers loads a text encoder's LoRA through transformers' adapter API, which (transformers >= 5) refuses
+    peft < 0.22 with a version check. The layers are peft's either way, so here they are injected with peft directly
+    from the same file and config; the UNet part always goes through diffusers.
+    """
+    state, alphas, metadata = pipe.lora_state_dict(str(folder), return_lora_metadata=True)
+    text = {k: v for k, v in state.items() if k.startswith("text_encoder")}
+    if not text or _stock_text_encoder_lora():
+        pipe.load_lora_weights(str(folder))
+        return
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    unet = {k: v for k, v in state.items() if not k.startswith("text_encoder")}
+    pipe.load_lora_into_unet(unet, network_alphas=alphas, unet=pipe.unet, metadata=metadata, _pipeline=pipe)
+    for name in ("text_encoder", "text_encoder_2"):
+        prefix = f"{name}."
+        weights = {k[len(prefix) :]: v for k, v in text.items() if k.startswith(prefix)}
+        if not weights:
+            continue
+        fields = {k[len(prefix) :]: v for k, v in (metadata or {}).items() if k.startswith(prefix)}
+        if not fields:
+            raise ValueError(f"{folder}: {name} LoRA weights without their LoRA config in the safetensors header")
+        config = LoraConfig(**{k: v for k, v in fields.items() if k in LoraConfig.__dataclass_fields__})
+        model = getattr(pipe, name)
+        inject_adapter_in_model(config, model, adapter_name="default")
+        result = set_peft_model_state_dict(model, weights, adapter_name="default")
+        if result.unexpected_keys:
+            raise ValueError(f"{folder}: {name} LoRA keys match no module: {result.unexpected_keys[:3]}")

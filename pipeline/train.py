@@ -2,8 +2,10 @@
 checkpoints.
 
 Core: `train(components, train_split, val_split, params, ...) -> TrainResult` (values in, values out).
-CLI: `python -m pipeline.train --params params.yaml --prepared data/prepared --out models/adapter
---report reports/train [--checkpoints models/checkpoints] [--class-images models/class_images]`.
+CLI: `python -m pipeline.train --params params.yaml --prepared data/prepared [--encoded data/encoded]
+--out models/adapter --report reports/train [--checkpoints models/checkpoints] [--class-images models/class_images]`.
+With `--encoded`, latents and frozen text conditioning come from the encode stage when they match the base model and
+the prepared data; otherwise (and for class images) they are encoded in memory once per run.
 
 Randomness: one CPU generator, seeded with `train.seed`, draws everything of an optimizer step at once for the whole
 effective batch (all processes, all micro-batches): batch indices, noise, timesteps, caption dropout. So gradient
@@ -32,21 +34,24 @@ import torch.nn.functional as F
 from PIL import ImageOps
 from tqdm.auto import tqdm
 
-from pipeline import checkpoint, env
+from pipeline import checkpoint, encoded, env
 from pipeline.config import Params, ParamsError, TrainParams, load_params, resolve_model
 from pipeline.diffusion import (
     Components,
     Split,
     diffusion_target,
     encode_conditioning,
-    encode_images,
+    encode_image_list,
     fixed_validation_loss,
     load_components,
     predict,
     read_split,
+    size_groups,
+    sizes_conditioning,
     text_conditioning,
     tokenize,
 )
+from pipeline.encoded import EncodedSplit
 from pipeline.export import KOHYA_FILE, export_kohya, model_card
 from pipeline.tracking import LiveLog
 
@@ -91,22 +96,83 @@ def pick_mixed_precision(setting: str) -> str:
     return "no"
 
 
+def pick_frozen_dtype(params: TrainParams, mixed_precision: str) -> torch.dtype:
+    """dtype of the frozen weights: with LoRA under bf16/fp16 autocast they are only ever read in that dtype, so keeping
+    them in it halves their memory and the casts of every step; the trained (LoRA) weights and their optimizer state
+    stay fp32 (select_trainable), as mixed precision needs for small updates to register."""
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    setting = params.frozen_precision
+    if setting == "auto":
+        return half.get(mixed_precision, torch.float32) if params.method == "lora" else torch.float32
+    if setting in half and mixed_precision == "no":
+        raise ParamsError(
+            f"train.frozen_precision: {setting} needs mixed precision (the step runs under autocast), but "
+            f"train.mixed_precision resolves to 'no' here: set mixed_precision: {setting}, or frozen_precision: auto."
+        )
+    return half.get(setting, torch.float32)
+
+
+def cast_frozen(models: list[Any], dtype: torch.dtype) -> None:
+    for model in models:
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(dtype)
+
+
+# Dense bf16/fp16 tensor-core peaks (vendor datasheets, no sparsity), for MFU. Others: set SDFT_PEAK_TFLOPS.
+PEAK_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak dense half-precision FLOP/s of one `device`, when known (None on CPU and unlisted GPUs)."""
+    if os.environ.get("SDFT_PEAK_TFLOPS"):
+        return float(os.environ["SDFT_PEAK_TFLOPS"]) * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS.items() if key in name), None)
+
+
+def count_flops_per_image(
+    components: Components, data: TrainData, scheduler: Any, params: TrainParams, accelerator: Any
+) -> float:
+    """FLOPs of one training image (forward and backward, as the step runs them), counted by torch on one micro-batch.
+
+    Drawn from its own generator and under a forked RNG, so the run's numbers do not change; the caller clears the
+    gradients it leaves.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n_proc = accelerator.num_processes
+    single = params.model_copy(update={"gradient_accumulation_steps": 1})
+    draw = draw_step(LoopState(), data, single, n_proc, torch.Generator().manual_seed(0), 1000)
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), FlopCounterMode(display=False) as counter:
+        accumulate_gradients(components, data, scheduler, draw, single, accelerator, 1.0)
+    return counter.get_total_flops() / (len(draw["idx"]) // n_proc)
+
+
 # --- what trains -------------------------------------------------------------------------------------------------
 
 
 def add_lora(model: Any, params: TrainParams, targets: list[str]) -> None:
     """Attach a LoRA adapter to `targets`; B starts at zero, so the adapted model equals the base model at step 0."""
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
+    from transformers import PreTrainedModel
 
-    model.add_adapter(
-        LoraConfig(
-            r=params.lora_rank,
-            lora_alpha=params.lora_alpha,
-            lora_dropout=params.lora_dropout,
-            init_lora_weights="gaussian",
-            target_modules=targets,
-        )
+    config = LoraConfig(
+        r=params.lora_rank,
+        lora_alpha=params.lora_alpha,
+        lora_dropout=params.lora_dropout,
+        init_lora_weights="gaussian",
+        target_modules=targets,
     )
+    if not isinstance(model, PreTrainedModel):
+        model.add_adapter(config)  # diffusers models
+    else:
+        # Text encoders: peft directly. transformers 5's `add_adapter` wraps the same call but refuses peft < 0.22
+        # (a version check only); the layers and the saved keys are the same.
+        inject_adapter_in_model(config, model, adapter_name="default")
 
 
 def lora_state_dict(model: Any) -> dict[str, torch.Tensor]:
@@ -129,17 +195,7 @@ def select_trainable(components: Components, params: TrainParams) -> dict[str, t
     if params.method == "lora":
         add_lora(components.unet, params, params.lora_target_modules)
         for name in text_names:
-            try:
-                add_lora(models[name], params, TEXT_LORA_TARGETS)
-            except ValueError as exc:
-                if "version of PEFT" not in str(exc):
-                    raise
-                # transformers >= 5 attaches (and diffusers' `load_lora_weights` loads) text-encoder LoRA only with
-                # peft >= 0.22; training one here would give an adapter that evaluate could not load.
-                raise ParamsError(
-                    f"train.train_text_encoder with method lora needs a newer peft: {exc}. Upgrade peft, or use "
-                    "method: full (the text encoder is then saved whole), or set train_text_encoder: false."
-                ) from None
+            add_lora(models[name], params, TEXT_LORA_TARGETS)
     else:
         patterns = params.train_blocks
         matched = [
@@ -246,19 +302,30 @@ class EMA:
 
 @dataclass
 class TrainData:
-    """Cached inputs. Rows [0, n_instance) are the training images; after them, the prior-preservation class images."""
+    """Cached inputs. Rows [0, n_instance) are the training images; after them, the prior-preservation class images.
 
-    latents: torch.Tensor  # (N, 4, H/8, W/8) VAE means, scaled
-    flipped: torch.Tensor | None  # the same of the mirrored images (data.random_flip), else None
+    Latents are grouped by size (aspect-ratio buckets): `latents[b]` holds the rows `bucket_rows[b]`, in that order.
+    With one size there is one group, and it also holds the class images.
+    """
+
+    latents: list[torch.Tensor]  # per bucket: (n_b, 4, h/8, w/8) VAE means, scaled
+    flipped: list[torch.Tensor] | None  # the same of the mirrored images (data.random_flip), else None
+    bucket_rows: list[torch.Tensor]  # per bucket: the global training-image rows it holds
     n_instance: int
     cond: dict[str, torch.Tensor] | None  # frozen text conditioning per row; None when a text encoder trains
     tokens: dict[str, torch.Tensor]  # token ids per row (encoded every step when a text encoder trains)
     empty_cond: dict[str, torch.Tensor] | None  # the empty prompt's conditioning (caption dropout)
     empty_tokens: dict[str, torch.Tensor]
     time_ids: torch.Tensor | None  # SDXL size/crop ids per row
-    val_latents: torch.Tensor
+    val_latents: torch.Tensor | list[torch.Tensor]  # (N, 4, h/8, w/8), or one tensor per image when sizes differ
     val_cond: dict[str, torch.Tensor] | None
     val_captions: list[str]
+    val_sizes: list[tuple[int, int]]  # (height, width) of each held-out image
+    precomputed: bool = False  # read from the encode stage's output rather than encoded here
+
+
+def _stack_if_one_size(latents: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    return torch.stack(latents) if len({tuple(x.shape) for x in latents}) <= 1 and latents else latents
 
 
 def encode_data(
@@ -269,29 +336,81 @@ def encode_data(
     cache_text: bool,
     device: torch.device,
     random_flip: bool = False,
+    precomputed: tuple[EncodedSplit, EncodedSplit] | None = None,
 ) -> TrainData:
-    """Encode images once (the VAE is frozen), and captions once too unless a text encoder trains."""
-    images, captions = list(train_split.images), list(train_split.captions)
-    if class_split is not None:
-        images += class_split.images
-        captions += class_split.captions
-    resolution = train_split.images[0].height
-    cond = encode_conditioning(components, captions, resolution) if cache_text else None
-    empty = encode_conditioning(components, [""], resolution) if cache_text else None
-    time_ids = encode_conditioning(components, [""] * len(captions), resolution).get("time_ids")
-    return TrainData(
-        latents=encode_images(components.vae, images).to(device),
+    """Encode images once (the VAE is frozen), and captions once too unless a text encoder trains.
+
+    `precomputed`: the encode stage's (train, validation) output, already checked to match this base model and data;
+    only the class images (prior preservation) and the empty prompt are then encoded here.
+    """
+    vae = components.vae
+    class_images = list(class_split.images) if class_split is not None else []
+    class_captions = list(class_split.captions) if class_split is not None else []
+    images, captions = list(train_split.images) + class_images, list(train_split.captions) + class_captions
+    sizes = [(i.height, i.width) for i in images]
+    val_sizes = [(i.height, i.width) for i in val_split.images]
+    mirror = [ImageOps.mirror(i) for i in class_images]
+    if precomputed is not None:
+        train_enc, val_enc = precomputed
+        rows = train_enc.latents + encode_image_list(vae, class_images)
         # Mirrored images are encoded too (not the latents flipped: the VAE is not exactly flip-equivariant).
-        flipped=encode_images(components.vae, [ImageOps.mirror(i) for i in images]).to(device) if random_flip else None,
-        n_instance=len(train_split.images),
+        flipped_rows = train_enc.flipped + encode_image_list(vae, mirror) if random_flip else None
+        val_rows = val_enc.latents
+    else:
+        rows = encode_image_list(vae, images)
+        flipped_rows = encode_image_list(vae, [ImageOps.mirror(i) for i in images]) if random_flip else None
+        val_rows = encode_image_list(vae, val_split.images)
+
+    n_instance = len(train_split.images)
+    groups = size_groups([tuple(x.shape) for x in rows[:n_instance]])
+    if len(groups) > 1 and class_split is not None:
+        raise ParamsError(
+            f"train.prior_preservation needs one image size, but the prepared training images come in {len(groups)} "
+            "sizes (data.bucketing): turn data.bucketing off, or prior_preservation off."
+        )
+    if class_split is not None and rows[n_instance].shape != rows[0].shape:
+        raise ParamsError(
+            f"the class images ({class_images[0].width}x{class_images[0].height}) differ in size from the training "
+            f"images ({images[0].width}x{images[0].height}): regenerate them at data.resolution "
+            "(empty train.prior_preservation.class_images_dir's cache) or resize them."
+        )
+    if len(groups) == 1:
+        groups = [list(range(len(rows)))]  # one size: the class rows ride in the same group, at their global rows
+
+    def grouped(per_row: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.stack([per_row[r] for r in g]).to(device) for g in groups]
+
+    sdxl_ids = sizes_conditioning(sizes) if components.is_sdxl else None
+    val_ids = sizes_conditioning(val_sizes) if components.is_sdxl else None
+    cond = val_cond = empty = None
+    if cache_text:
+        empty = {k: v for k, v in encode_conditioning(components, [""], 8).items() if k != "time_ids"}
+        if precomputed is not None:
+            cond, val_cond = dict(train_enc.cond or {}), dict(val_enc.cond or {})
+            if class_captions:
+                extra = encode_conditioning(components, class_captions, 8)
+                cond = {k: torch.cat([v, extra[k]]) for k, v in cond.items()}
+        else:
+            cond = encode_conditioning(components, captions, sizes)
+            val_cond = encode_conditioning(components, list(val_split.captions), val_sizes)
+        cond.pop("time_ids", None)
+        if val_ids is not None:
+            val_cond["time_ids"] = val_ids
+    return TrainData(
+        latents=grouped(rows),
+        flipped=grouped(flipped_rows) if flipped_rows is not None else None,
+        bucket_rows=[torch.tensor([r for r in g if r < n_instance]) for g in groups],
+        n_instance=n_instance,
         cond={k: v.to(device) for k, v in cond.items()} if cond else None,
         tokens=tokenize(components, captions),
         empty_cond={k: v.to(device) for k, v in empty.items()} if empty else None,
         empty_tokens=tokenize(components, [""]),
-        time_ids=time_ids.to(device) if time_ids is not None else None,
-        val_latents=encode_images(components.vae, val_split.images),
-        val_cond=encode_conditioning(components, val_split.captions, resolution) if cache_text else None,
+        time_ids=sdxl_ids.to(device) if sdxl_ids is not None else None,
+        val_latents=_stack_if_one_size(val_rows),
+        val_cond=val_cond,
         val_captions=list(val_split.captions),
+        val_sizes=val_sizes,
+        precomputed=precomputed is not None,
     )
 
 
@@ -310,6 +429,7 @@ class LoopState:
     history: list[dict[str, float]] = field(default_factory=list)
     order: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     class_order: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    bucket_orders: dict[str, list[int]] = field(default_factory=dict)  # with several image sizes: per bucket
 
 
 def _take(state: LoopState, attr: str, n: int, population: int, generator: torch.Generator) -> torch.Tensor:
@@ -321,20 +441,48 @@ def _take(state: LoopState, attr: str, n: int, population: int, generator: torch
     return order[:n]
 
 
+def _take_bucket(state: LoopState, bucket: int, n: int, population: int, generator: torch.Generator) -> torch.Tensor:
+    """`_take` for one bucket's own epoch permutation (kept in the checkpoint's JSON state)."""
+    order = state.bucket_orders.get(str(bucket), [])
+    while len(order) < n:
+        order = order + torch.randperm(population, generator=generator).tolist()
+    state.bucket_orders[str(bucket)] = order[n:]
+    return torch.tensor(order[:n], dtype=torch.long)
+
+
 def draw_step(
     state: LoopState, data: TrainData, params: TrainParams, rows: int, generator: torch.Generator, n_timesteps: int
 ) -> dict[str, torch.Tensor]:
-    """All the randomness of one optimizer step, for `rows` training images (and as many class images)."""
-    idx = _take(state, "order", rows, data.n_instance, generator)
+    """All the randomness of one optimizer step, for `rows` training images (and as many class images).
+
+    With several image sizes (aspect-ratio buckets) a step draws one bucket, with probability proportional to its
+    size, so every image is seen equally often on average, and takes its images from that bucket's own permutation
+    (a bucket smaller than the batch repeats images within the step).
+    """
+    bucket = 0
+    if len(data.latents) == 1:
+        idx = _take(state, "order", rows, data.n_instance, generator)
+        pos = idx  # one group: group positions are the global rows
+    else:
+        sizes = torch.tensor([len(r) for r in data.bucket_rows], dtype=torch.float)
+        bucket = int(torch.multinomial(sizes, 1, generator=generator))
+        pos = _take_bucket(state, bucket, rows, len(data.bucket_rows[bucket]), generator)
+        idx = data.bucket_rows[bucket][pos]
     is_prior = torch.zeros(rows, dtype=torch.bool)
     if params.prior_preservation.enabled:
-        n_class = len(data.latents) - data.n_instance
+        n_class = len(data.latents[0]) - data.n_instance
         class_idx = _take(state, "class_order", rows, n_class, generator) + data.n_instance
         # Interleaved (instance, class, instance, class, ...): every micro-batch holds as many of each.
-        idx = torch.stack([idx, class_idx], dim=1).flatten()
+        idx = pos = torch.stack([idx, class_idx], dim=1).flatten()
         is_prior = torch.stack([is_prior, torch.ones(rows, dtype=torch.bool)], dim=1).flatten()
-    shape = (len(idx), *data.latents.shape[1:])
-    draw = {"idx": idx, "is_prior": is_prior, "noise": torch.randn(shape, generator=generator)}
+    shape = (len(idx), *data.latents[bucket].shape[1:])
+    draw = {
+        "idx": idx,
+        "pos": pos,
+        "bucket": torch.full((len(idx),), bucket),
+        "is_prior": is_prior,
+        "noise": torch.randn(shape, generator=generator),
+    }
     if params.noise_offset:
         draw["offset"] = torch.randn((*shape[:2], 1, 1), generator=generator)
     if params.input_perturbation:
@@ -406,9 +554,11 @@ def accumulate_gradients(
     )
     trained = [m for m in (components.unet, components.text_encoder, components.text_encoder_2) if _is_wrapped(m)]
     for m, rows in enumerate(micro):
-        latents = data.latents[rows["idx"].to(data.latents.device)]  # (b, 4, H/8, W/8)
+        bucket = int(rows["bucket"][0])  # a step's images all have one size
+        pos = rows["pos"].to(data.latents[bucket].device)
+        latents = data.latents[bucket][pos]  # (b, 4, H/8, W/8)
         if "flip" in rows:  # data.random_flip: half the images mirrored
-            mirrored = data.flipped[rows["idx"].to(latents.device)]
+            mirrored = data.flipped[bucket][pos]
             latents = torch.where(rows["flip"].to(latents.device).view(-1, 1, 1, 1), mirrored, latents)
         noise = rows["noise"].to(latents.device)
         if params.noise_offset:
@@ -471,6 +621,7 @@ def train(
     checkpoints: Path | None = None,
     fingerprint: str = "",
     random_flip: bool = False,
+    precomputed: tuple[EncodedSplit, EncodedSplit] | None = None,
 ) -> TrainResult:
     """Fine-tune the UNet (and optionally the text encoders); return the models holding the weights with the lowest
     held-out validation loss. With `checkpoints`, save resumable state there and resume from a matching checkpoint.
@@ -494,9 +645,13 @@ def train(
     text_trains = params.train_text_encoder
     t0 = time.perf_counter()
     data = encode_data(
-        components, train_split, val_split, class_split, not text_trains, accelerator.device, random_flip
+        components, train_split, val_split, class_split, not text_trains, accelerator.device, random_flip, precomputed
     )
     encode_seconds = time.perf_counter() - t0
+    # After encoding (the latents are computed in fp32, as the encode stage computes them).
+    frozen_dtype = pick_frozen_dtype(params, accelerator.mixed_precision)
+    if frozen_dtype != torch.float32:
+        cast_frozen([components.unet, *components.text_encoders], frozen_dtype)
 
     scheduler = DDPMScheduler.from_config(
         components.noise_scheduler.config,
@@ -519,8 +674,13 @@ def train(
     step_components = dataclasses.replace(
         components, **dict(zip(("unet", "text_encoder", "text_encoder_2"), wrapped, strict=False))
     )
+    flops_per_image = count_flops_per_image(step_components, data, scheduler, params, accelerator)
+    optimizer.zero_grad(set_to_none=True)
     if params.compile:
-        step_components.unet = torch.compile(step_components.unet)
+        # Compiled graphs are cached on disk (TORCHINDUCTOR_CACHE_DIR, set by main to .sdft/compile-cache), so a later
+        # run with the same model and shapes skips most of the compile time.
+        mode = None if params.compile_mode == "default" else params.compile_mode
+        step_components.unet = torch.compile(step_components.unet, mode=mode)
     ema = EMA(trainable, params.ema_decay) if params.ema_decay else None
     generator = torch.Generator("cpu").manual_seed(params.seed)
     n_proc = accelerator.num_processes
@@ -534,10 +694,12 @@ def train(
                 model.eval()
             val_cond = data.val_cond
             if val_cond is None:
-                val_cond = encode_conditioning(components, data.val_captions, train_split.images[0].height)
-            loss = fixed_validation_loss(
-                unet, scheduler, data.val_latents, val_cond, params.validation_timesteps, params.seed
-            )
+                val_cond = encode_conditioning(components, data.val_captions, data.val_sizes)
+            # Half-precision frozen weights are read under autocast, as in the step; fp32 ones in full precision.
+            with accelerator.autocast() if frozen_dtype != torch.float32 else contextlib.nullcontext():
+                loss = fixed_validation_loss(
+                    unet, scheduler, data.val_latents, val_cond, params.validation_timesteps, params.seed
+                )
             for model in (unet, *text_models):
                 model.train()
             return float(loss.mean())
@@ -563,6 +725,7 @@ def train(
     for model in (unet, *text_models):
         model.train()
     bar = tqdm(total=params.max_steps, initial=state.step, desc="train", unit="step", mininterval=2)
+    first_step_seconds: float | None = None
     for step in range(state.step + 1, params.max_steps + 1):
         if state.stop_reason:
             break
@@ -576,6 +739,9 @@ def train(
             ema.update(trainable, step)
         losses[len(pending)] = step_loss
         state.step, state.images_seen = step, state.images_seen + len(draw["idx"])
+        if first_step_seconds is None:  # one host sync: the first step's time (compilation included, with compile)
+            float(step_loss)
+            first_step_seconds = time.perf_counter() - start - state.seconds
         record: dict[str, float] = {"step": step, "lr": lr_scheduler.get_last_lr()[0]}
         pending.append(record)
         state.history.append(record)
@@ -620,14 +786,52 @@ def train(
         cost={
             "train_seconds": round(seconds, 3),
             "encode_seconds": round(encode_seconds, 3),
+            "precomputed_inputs": int(data.precomputed),
             "images_seen": state.images_seen,
             "images_per_s": round(state.images_seen / seconds, 3) if seconds > 0 and state.images_seen else 0.0,
             "effective_batch_size": rows_per_step,
             "processes": n_proc,
             "peak_memory_mb": round(_peak_memory_mb(), 1),
             "trainable_parameters": counts["trainable"],
+            **run_cost(
+                seconds,
+                state.images_seen,
+                flops_per_image,
+                first_step_seconds,
+                state.step - (resumed_from or 0),
+                accelerator.device,
+                n_proc,
+            ),  # fmt: skip
         },
     )
+
+
+def run_cost(
+    seconds: float,
+    images: int,
+    flops_per_image: float,
+    first_step_seconds: float | None,
+    steps_run: int,
+    device: torch.device,
+    n_proc: int,
+) -> dict[str, float]:
+    """What the run cost beyond images/s: FLOPs, achieved TFLOP/s, MFU (known GPUs), GPU-hours, first-step time."""
+    rate = images / seconds if seconds > 0 else 0.0
+    achieved = flops_per_image * rate
+    cost = {
+        "flops_per_image": flops_per_image,
+        "achieved_tflops": round(achieved / 1e12, 6),
+        "gpu_hours": round(seconds * n_proc / 3600, 6) if device.type == "cuda" else 0.0,
+    }
+    peak = peak_flops(device)
+    if peak:
+        cost["mfu"] = round(achieved / (peak * n_proc), 4)
+    if first_step_seconds is not None:
+        cost["first_step_seconds"] = round(first_step_seconds, 3)
+        if steps_run > 1:  # the first step's excess over the others' mean: compilation and warm-up
+            others = (seconds - first_step_seconds) / (steps_run - 1)
+            cost["warmup_seconds"] = round(max(first_step_seconds - others, 0.0), 3)
+    return cost
 
 
 def track_validation(state: LoopState, step: int, val: float, params: TrainParams) -> bool:
@@ -829,6 +1033,11 @@ def run(params: Params, root: Path, args: argparse.Namespace) -> TrainResult:
             params.train.prior_preservation, model, params.base.revision, train_split.images[0].height,
             root, args.class_images, seed=params.train.seed,
         )  # fmt: skip
+    precomputed = None
+    if args.encoded is not None:
+        precomputed = load_precomputed(
+            args.encoded, args.prepared, components, params.data.random_flip, not params.train.train_text_encoder
+        )
     run_fingerprint = checkpoint.fingerprint(
         params.train.model_dump(),
         f"{params.base.model}@{params.base.revision}",
@@ -843,6 +1052,28 @@ def run(params: Params, root: Path, args: argparse.Namespace) -> TrainResult:
         checkpoints=args.checkpoints,
         fingerprint=run_fingerprint,
         random_flip=params.data.random_flip,
+        precomputed=precomputed,
+    )
+
+
+def load_precomputed(
+    folder: Path, prepared: Path, components: Components, random_flip: bool, with_text: bool
+) -> tuple[EncodedSplit, EncodedSplit] | None:
+    """The encode stage's output when it matches this base model and prepared data, else None (and why)."""
+    index = encoded.read_index(folder)
+    if index is not None and index.get("enabled"):
+        digests = {split: encoded.split_digest(prepared / split) for split in ("train", "validation")}
+        ok, why = encoded.usable(index, encoded.model_fingerprint(components), digests, random_flip)
+    else:
+        ok, why = encoded.usable(index, "", {}, random_flip)
+    if not ok:
+        print(f"encoding in memory: {why} ({folder}; `dvc repro encode` rebuilds it)")
+        return None
+    rows = index["splits"]
+    print(f"reading precomputed latents{' and text conditioning' if with_text else ''} from {folder}")
+    return (
+        encoded.read_split(folder, "train", rows["train"]["rows"], with_text),
+        encoded.read_split(folder, "validation", rows["validation"]["rows"], with_text),
     )
 
 
@@ -850,6 +1081,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--prepared", required=True, type=Path, help="output folder of the prepare stage")
+    parser.add_argument(
+        "--encoded", type=Path, help="output folder of the encode stage: precomputed latents (optional)"
+    )
     parser.add_argument("--out", required=True, type=Path, help="adapter folder to write")
     parser.add_argument("--report", required=True, type=Path, help="folder for summary.json and curve.csv")
     parser.add_argument("--checkpoints", type=Path, help="folder for resumable checkpoints (kept across runs)")
@@ -864,6 +1098,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params)
         root = Path(args.params).resolve().parent
+        if params.train.compile:
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / ".sdft" / "compile-cache"))
         result = run(params, root, args)
     except ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -23,7 +23,7 @@ from pipeline.prepare import clip_token_counter
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(".sdft/prepare-cache")  # as the stage's cmd passes it
-TRAINING_TIME_KEYS = {"random_flip"}  # data keys that train reads and prepare does not
+TRAINING_TIME_KEYS = {"random_flip", "precompute"}  # data keys that encode/train read and prepare does not
 
 
 def repo_dvc() -> dict:
@@ -34,6 +34,8 @@ def test_prepare_stage_lists_every_data_key_it_reads():
     """Listing keys one by one keeps train-only keys from rerunning prepare; this catches a key left out."""
     listed = {key.removeprefix("data.") for key in repo_dvc()["stages"]["prepare"]["params"]}
     assert listed == set(DataParams.model_fields) - TRAINING_TIME_KEYS
+    encode = set(repo_dvc()["stages"]["encode"]["params"])
+    assert {f"data.{key}" for key in TRAINING_TIME_KEYS} <= encode and "base" in encode
 
 
 def add_images(folder: Path, start: int, n: int) -> None:

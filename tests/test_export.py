@@ -61,6 +61,24 @@ def test_kohya_file_loads_as_the_diffusers_file_does(tmp_path: Path, adapter: Pa
     torch.testing.assert_close(outputs["kohya"], outputs["diffusers"], atol=1e-5, rtol=1e-4)
 
 
+def test_text_encoder_lora_exports_kohya_keys_that_map_to_its_modules(tmp_path: Path, tiny_model: Path, splits) -> None:  # noqa: F811
+    params = tp(max_steps=1, train_text_encoder=True, lora_rank=2, lora_alpha=8)
+    components = load_components(str(tiny_model))
+    folder = save_adapter(train(components, *splits, params), tmp_path / "adapter").parent
+    out = export_kohya(folder, tmp_path / KOHYA_FILE, "models/tiny-sd", "")
+    # kohya names follow the original checkpoint layout, where CLIP's modules sit under `text_model.`
+    text_modules = {
+        "text_model_" + n.replace(".", "_") for n, _ in load_components(str(tiny_model)).text_encoder.named_modules()
+    }
+    with safe_open(str(out), "pt") as handle:
+        keys = list(handle.keys())  # noqa: SIM118 (safe_open has no __iter__)
+        alphas = {float(handle.get_tensor(k)) for k in keys if k.startswith("lora_te_") and k.endswith(".alpha")}
+    stems = {k.split(".", 1)[0] for k in keys}
+    te = {s.removeprefix("lora_te_") for s in stems if s.startswith("lora_te_")}
+    assert te and te <= text_modules and alphas == {8.0}
+    assert all(s.startswith(("lora_te_", "lora_unet_")) for s in stems)
+
+
 def test_to_kohya_names_the_sd1_text_encoder_lora_te() -> None:
     tensors = {
         "text_encoder.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 8),

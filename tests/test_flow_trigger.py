@@ -162,7 +162,9 @@ def _params_with(tmp_path: Path, section: str, value: object) -> Path:
 def test_notify_and_orchestration_params_are_checked(tmp_path: Path) -> None:
     params = load_params(REPO / "params.yaml", paths=False)
     assert params.notify.webhook_url is None and params.notify.block is None
-    assert set(params.orchestration.stage_timeout_minutes) <= {"prepare", "train", "evaluate"}
+    assert set(params.orchestration.stage_timeout_minutes) <= set(
+        yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    )
     with pytest.raises(ParamsError, match="notify.webhook_url"):
         load_params(_params_with(tmp_path, "notify", {"webhook_url": "hooks.example/x"}), paths=False)
     with pytest.raises(ParamsError, match="notify.block"):
@@ -180,7 +182,7 @@ def test_stage_timeouts_must_name_dvc_stages(tmp_path: Path) -> None:
     ok = load_params(_params_with(tmp_path, "orchestration", {"stage_timeout_minutes": {"train": 0.5}}), paths=False)
     assert stage_timeouts(tmp_path, ok) == {"train": 30.0}
     bad = load_params(_params_with(tmp_path, "orchestration", {"stage_timeout_minutes": {"trian": 5}}), paths=False)
-    with pytest.raises(ValueError, match="trian.*prepare, train, evaluate"):
+    with pytest.raises(ValueError, match="trian.*prepare, encode, train, evaluate"):
         stage_timeouts(tmp_path, bad)
 
 

@@ -279,7 +279,8 @@ def test_random_flip_mirrors_half_the_images(tiny_model: Path, splits) -> None:
 
     components = load_components(str(tiny_model))
     data = encode_data(components, *splits, None, True, torch.device("cpu"), random_flip=True)
-    assert data.flipped.shape == data.latents.shape and not torch.allclose(data.flipped, data.latents)
+    (latents,), (flipped,) = data.latents, data.flipped  # one image size: one group
+    assert flipped.shape == latents.shape and not torch.allclose(flipped, latents)
     draw = draw_step(LoopState(), data, tp(), 400, torch.Generator().manual_seed(0), 1000)
     assert 0.4 < float(draw["flip"].float().mean()) < 0.6
     plain = train(load_components(str(tiny_model)), *splits, tp(max_steps=1)).lora_state
@@ -391,30 +392,33 @@ def test_params_reject_inconsistent_train_settings() -> None:
             parse_params(yaml.safe_dump(broken), Path("params.yaml"))
 
 
-def test_text_encoder_lora_trains_and_loads_or_says_why_not(tmp_path: Path, tiny_model: Path, splits) -> None:
+def test_text_encoder_lora_trains_and_loads_with_its_alpha(tmp_path: Path, tiny_model: Path, splits) -> None:
     from diffusers import StableDiffusionPipeline
-    from transformers.integrations.peft import MIN_PEFT_VERSION
-    from transformers.utils.import_utils import is_peft_available
 
-    params = tp(max_steps=2, train_text_encoder=True, text_encoder_lr=1e-2)
-    try:
-        check_peft = __import__("transformers.utils.peft_utils", fromlist=["check_peft_version"]).check_peft_version
-        check_peft(MIN_PEFT_VERSION)
-    except ValueError:
-        # This stack (peft 0.21 with transformers 5): stock pipelines cannot load text-encoder LoRA, so train refuses.
-        assert is_peft_available()
-        with pytest.raises(ParamsError, match="needs a newer peft"):
-            train(load_components(str(tiny_model)), *splits, params)
-        return
+    from pipeline.diffusion import load_lora
+
+    params = tp(max_steps=2, train_text_encoder=True, text_encoder_lr=1e-2, lora_rank=2, lora_alpha=8)
     result = train(load_components(str(tiny_model)), *splits, params)
     assert result.parameters["per_model"]["text_encoder"]["trainable"] > 0
     save_adapter(result, tmp_path / "adapter")
     keys = adapter_tensors(tmp_path / "adapter").keys()
     assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model))
-    base_emb = pipe.encode_prompt("a red circle", "cpu", 1, False)[0]
-    pipe.load_lora_weights(str(tmp_path / "adapter"))
-    assert not torch.allclose(base_emb, pipe.encode_prompt("a red circle", "cpu", 1, False)[0])
+    ids = pipe.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        base = pipe.text_encoder(ids)[0]
+        load_lora(pipe, tmp_path / "adapter")  # stock load_lora_weights where this stack's versions allow it
+        loaded, trained = pipe.text_encoder(ids)[0], result.models["text_encoder"](ids)[0]
+    assert not torch.allclose(base, loaded, atol=1e-4)
+    torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-4)  # alpha / rank = 4 applied on load
+    x, t, emb = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            pipe.unet(x, t, emb).sample, result.models["unet"](x, t, emb).sample, atol=1e-5, rtol=1e-4
+        )
+    pipe.fuse_lora()  # as evaluate does: merged into the weights, the same function
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.text_encoder(ids)[0], trained, atol=1e-4, rtol=1e-3)
 
 
 def test_full_text_encoder_trains_per_step_and_saves_whole(tmp_path: Path, tiny_model: Path, splits) -> None:
@@ -445,3 +449,53 @@ def test_prior_preservation_generates_class_images_once(tmp_path: Path, tiny_mod
     params = tp(max_steps=2, prior_preservation=prior.model_dump())
     result = train(load_components(str(tiny_model)), *splits, params, class_split=first)
     assert result.cost["images_seen"] == 2 * 2 * params.batch_size  # one class image per instance image
+
+
+# --- speed settings and what a run costs ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state: reset it around a test that trains in another precision."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield lambda: AcceleratorState._reset_state(reset_partial_state=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_frozen_weights_in_bf16_keep_lora_in_fp32_and_the_same_curve(
+    tiny_model: Path, splits, fresh_accelerate_state
+) -> None:
+    runs = {}
+    for frozen in ("no", "auto"):  # auto: bf16, the mixed-precision dtype
+        components = load_components(str(tiny_model))
+        result = train(components, *splits, tp(max_steps=4, mixed_precision="bf16", frozen_precision=frozen))
+        dtypes = {p.dtype for p in components.unet.parameters() if not p.requires_grad}
+        assert dtypes == ({torch.float32} if frozen == "no" else {torch.bfloat16})
+        assert {v.dtype for v in result.lora_state.values()} == {torch.float32}
+        runs[frozen] = [h["val_loss"] for h in result.history if "val_loss" in h]
+    # bf16 weights round the frozen model a little: the curve stays within bf16's resolution of the fp32 one.
+    torch.testing.assert_close(torch.tensor(runs["auto"]), torch.tensor(runs["no"]), rtol=3e-2, atol=1e-3)
+    fresh_accelerate_state()
+    with pytest.raises(ParamsError, match="frozen_precision: bf16 needs mixed precision"):
+        train(load_components(str(tiny_model)), *splits, tp(mixed_precision="no", frozen_precision="bf16"))
+
+
+def test_cost_counts_flops_per_image_and_mfu_against_a_given_peak(
+    tiny_model: Path, splits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    monkeypatch.setenv("SDFT_PEAK_TFLOPS", "0.5")
+    costs = [train(load_components(str(tiny_model)), *splits, tp(batch_size=b)).cost for b in (2, 4)]
+    assert costs[0]["flops_per_image"] == pytest.approx(costs[1]["flops_per_image"], rel=1e-6)  # per image
+    components = load_components(str(tiny_model))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        components.unet(torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 32))
+    # LoRA's backward computes input gradients through the frozen layers (weights' gradients only for LoRA): about
+    # one more forward.
+    assert 1.5 < costs[1]["flops_per_image"] / counter.get_total_flops() < 3.5
+    cost = costs[1]
+    assert cost["mfu"] == pytest.approx(cost["achieved_tflops"] / 0.5, abs=1e-4)  # both rounded
+    assert cost["gpu_hours"] == 0.0 and cost["first_step_seconds"] > 0
