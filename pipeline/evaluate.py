@@ -1,4 +1,12 @@
-"""Stage `evaluate`: measure the candidate adapter and the untuned base model on identical inputs.
+"""Stage `evaluate`: measure the candidate and the untuned base model on identical inputs.
+
+The candidate is any train output (`pipeline.candidate`): a LoRA or a full fine-tune, of an SD 1.x/2.x or an SDXL
+base. The base loads as the pipeline class its `model_index.json` names; a LoRA is loaded and fused into it, a full
+fine-tune's trained sub-models (`unet/`, `text_encoder/`, `text_encoder_2/`) replace the base's. The candidate's
+scheduler, for generation and for the validation-loss target, predicts what `training.json` says the UNet was
+trained to predict (e.g. v_prediction trained on an epsilon base); the untuned base keeps its own. An output without
+`training.json` (older adapters) is an SD LoRA with the base scheduler. The validation loss conditions SDXL as
+training does (both text encoders, pooled text, size/crop ids).
 
 Both models see the same held-out images with the same fixed noise and timesteps (validation loss), and generate
 from the same prompts with the same per-image seeds (CPU generators), scheduler and step count. Per-sample values are
@@ -21,7 +29,7 @@ enough to catch a broken adapter.
 Core: `evaluate_model(name, pipe, eval_set, reference, extractors) -> ModelEval`.
 CLI: `python -m pipeline.evaluate --params params.yaml --prepared data/prepared --adapter models/adapter
 --out reports/eval --metrics reports/metrics.json [--train-curve reports/train/curve.csv]` (also `--name champion
---no-base --base-model B` to measure a registered adapter).
+--no-base --base-model B` to measure a registered version). `--adapter` is the train output folder.
 """
 
 from __future__ import annotations
@@ -42,9 +50,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from pipeline import env, metrics
+from pipeline import candidate, env, metrics
 from pipeline.config import EvaluateParams, ParamsError, load_params, resolve_model
-from pipeline.diffusion import Split, encode_images, encode_text, fixed_validation_loss, read_split
+from pipeline.diffusion import Components, Split, encode_conditioning, encode_images, fixed_validation_loss, read_split
 from pipeline.features import PLUMBING_ONLY, MissingWeightsError, build_clip, build_image_features, extract
 from pipeline.stats import paired_bootstrap
 
@@ -190,6 +198,7 @@ class ModelEval:
     memorised: list[dict[str, Any]] = field(default_factory=list)  # worst cases, most similar first
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)  # seconds per metric
+    model: dict[str, Any] = field(default_factory=dict)  # what was measured: method, architecture, prediction type
 
 
 def uint8(images: list[Image.Image]) -> torch.Tensor:
@@ -232,6 +241,19 @@ class _Timer:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
+def pipe_components(pipe: Any, noise_scheduler: Any) -> Components:
+    """The pipeline's models as `diffusion.Components`, for the validation loss train computes (SD or SDXL)."""
+    return Components(
+        tokenizer=pipe.tokenizer,
+        text_encoder=pipe.text_encoder,
+        vae=pipe.vae,
+        unet=pipe.unet,
+        noise_scheduler=noise_scheduler,
+        tokenizer_2=getattr(pipe, "tokenizer_2", None),
+        text_encoder_2=getattr(pipe, "text_encoder_2", None),
+    )
+
+
 def evaluate_model(name: str, pipe: Any, eval_set: EvalSet, reference: Reference, extractors: Extractors) -> ModelEval:
     """Every metric for the model currently loaded in `pipe`; per-sample values wherever a metric has them."""
     from diffusers import DDPMScheduler
@@ -243,12 +265,14 @@ def evaluate_model(name: str, pipe: Any, eval_set: EvalSet, reference: Reference
     start = time.perf_counter()
 
     with timer("val_loss"):
+        # The pipeline's scheduler carries the model's prediction type (see candidate.apply_output), so the loss
+        # target is what this UNet was trained to predict.
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        # Text embeddings per model: an adapter may train the text encoder too (train.train_text_encoder).
-        embeddings = encode_text(pipe.tokenizer, pipe.text_encoder, eval_set.validation.captions)
-        loss = fixed_validation_loss(
-            pipe.unet, noise_scheduler, reference.val_latents, embeddings, p.val_timesteps, p.seed
-        )
+        # Conditioning per model: the text encoders may have trained too (train.train_text_encoder). SDXL: both
+        # encoders, the pooled text and the size/crop ids, as in training.
+        cond = encode_conditioning(pipe_components(pipe, noise_scheduler), eval_set.validation.captions,
+                                   eval_set.resolution)  # fmt: skip
+        loss = fixed_validation_loss(pipe.unet, noise_scheduler, reference.val_latents, cond, p.val_timesteps, p.seed)
         samples["val_loss"] = loss.tolist()
 
     with timer("generation"):
@@ -441,6 +465,7 @@ def write_outputs(
         "skipped": skipped,
         "seconds": round(sum(r.seconds for r in results), 3),
         "cost": cost(results, reference, total_seconds or sum(r.seconds for r in results)),
+        "models": {r.name: r.model for r in results if r.model},
     }
     cis = intervals(results, p)
     (out / "intervals.json").write_text(json.dumps(cis, indent=1) + "\n")
@@ -452,12 +477,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--prepared", required=True, type=Path)
-    parser.add_argument("--adapter", required=True, type=Path, help="LoRA folder (diffusers format)")
+    parser.add_argument("--adapter", required=True, type=Path, help="train output folder (LoRA or full fine-tune)")
     parser.add_argument("--out", required=True, type=Path, help="folder for images, samples, grid and report.html")
     parser.add_argument("--metrics", type=Path, help="summary JSON to write (default: <out>/metrics.json)")
     parser.add_argument("--name", default="candidate", help="what to call the adapter in the outputs")
     parser.add_argument("--no-base", action="store_true", help="skip the untuned base model")
-    parser.add_argument("--base-model", help="base model the adapter was trained on (default: base.model)")
+    parser.add_argument("--base-model", help="base model the output was trained on (default: base.model)")
     parser.add_argument("--train-curve", type=Path, help="training curve CSV to draw in the report (optional)")
     args = parser.parse_args(argv)
     env.configure()
@@ -467,9 +492,20 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not (args.adapter / "pytorch_lora_weights.safetensors").is_file():
-        print(f"error: no adapter at {args.adapter}: run the train stage first (`dvc repro train`).", file=sys.stderr)
+    try:
+        output = candidate.read_output(args.adapter)
+    except candidate.OutputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.base_model is None and output.base_model is not None:
+        trained_on = (output.base_model, output.base_revision)
+        if trained_on != (params.base.model, params.base.revision):
+            print(
+                f"error: {args.adapter} was trained on {_at(*trained_on)}, but params.yaml `base:` is now "
+                f"{_at(params.base.model, params.base.revision)}: run the train stage again (`dvc repro train`).",
+                file=sys.stderr,
+            )
+            return 2
     validation = read_split(args.prepared / "validation")
     train_dir = args.prepared / "train"
     train = read_split(train_dir) if (train_dir / "metadata.jsonl").is_file() else Split([], [], [])
@@ -484,13 +520,17 @@ def main(argv: list[str] | None = None) -> int:
         print("error: params.yaml `gate:`\n  " + "\n  ".join(problems), file=sys.stderr)
         return 2
 
-    from diffusers import StableDiffusionPipeline
-
     model = args.base_model or resolve_model(params, Path(args.params).resolve().parent)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model, revision=params.base.revision, safety_checker=None, requires_safety_checker=False
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = candidate.load_base(model, params.base.revision)
+    try:
+        candidate.check_base(pipe, output)  # before any work
+    except candidate.OutputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    base_info = {
+        "architecture": candidate.architecture_of(pipe),
+        "prediction_type": pipe.scheduler.config.prediction_type,
+    }
     try:
         extractors = build_extractors(params.evaluate, pipe.tokenizer)
     except (MissingWeightsError, ModuleNotFoundError) as exc:
@@ -503,10 +543,14 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     if not args.no_base:
         results.append(evaluate_model("base", pipe, eval_set, reference, extractors))
-    pipe.load_lora_weights(str(args.adapter))
-    # Merged into the weights: the same function (outputs agree to ~1e-6), without LoRA's extra matmuls per layer.
-    pipe.fuse_lora()
+        results[-1].model = {"method": "none"} | base_info
+    # The base first: it keeps its own scheduler; the trained model gets the prediction type it was trained for.
+    candidate.apply_output(pipe, output)
     results.append(evaluate_model(args.name, pipe, eval_set, reference, extractors))
+    results[-1].model = output.describe() | {
+        "architecture": candidate.architecture_of(pipe),
+        "prediction_type": pipe.scheduler.config.prediction_type,
+    }
 
     summary = write_outputs(
         results, eval_set, extractors, reference, args.out, time.perf_counter() - started, args.train_curve
@@ -517,6 +561,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(f"{r.name:>10}: " + ", ".join(f"{k}={v:.5f}" for k, v in r.values.items()))
     return 0
+
+
+def _at(model: str, revision: str | None) -> str:
+    return model + (f" @ {revision}" if revision else "")
 
 
 if __name__ == "__main__":

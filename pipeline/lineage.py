@@ -3,7 +3,7 @@
 `tags(...)` is written onto each registered version (and so travels with it): the git commit and whether the tree
 was dirty, the DVC stage hashes from `dvc.lock`, the data digests from `reports/data_validation.json`, a hash of
 `params.yaml`, the base model and revision, the MLflow run, the Prefect flow run, the evaluation-set hash, and two
-hashes of the adapter.
+hashes of the adapter (the train output's weights: the LoRA file, or a full fine-tune's sub-model weights).
 
 Adapter hashes: `sdft.adapter_sha256` is the sha256 of the weights file as registered; `sdft.adapter_tensors_sha256`
 hashes only the tensors (names, dtypes, shapes and raw bytes). Training is seeded and its tensors are bitwise equal
@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from pipeline import registry
+from pipeline import candidate, registry
 
 EMBEDDED_BASE = "models/tiny-sd"  # built by `sdft init`, deterministic from code
 
@@ -65,18 +65,25 @@ def tensors_sha256(path: Path) -> str:
 
 
 def adapter_digests(adapter_dir: Path) -> dict[str, str]:
-    """`sdft.adapter_sha256` and `sdft.adapter_tensors_sha256` of the adapter folder's safetensors files.
+    """`sdft.adapter_sha256` and `sdft.adapter_tensors_sha256` of a train output folder's weight files.
 
-    One file (the usual `pytorch_lora_weights.safetensors`): its own hashes. Several: a hash of `name:hash` lines.
+    A LoRA (or an older folder without training.json): its top-level safetensors files. A full fine-tune: the saved
+    sub-models' weights (`unet/diffusion_pytorch_model.safetensors`, ...); their config.json files are not hashed
+    (diffusers writes its own version into them). One file: its own hashes. Several: a hash of `path:hash` lines,
+    with paths relative to the folder.
     """
-    files = sorted(Path(adapter_dir).glob("*.safetensors"))
+    folder = Path(adapter_dir)
+    if (folder / candidate.TRAINING_FILE).is_file():
+        files = candidate.weight_files(candidate.read_output(folder))
+    else:
+        files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no .safetensors file in {adapter_dir}: is it an adapter folder written by train?")
+        raise FileNotFoundError(f"no .safetensors file in {adapter_dir}: is it an output folder written by train?")
 
     def combined(digest: Any) -> str:
         if len(files) == 1:
             return digest(files[0])
-        lines = "".join(f"{f.name}:{digest(f)}\n" for f in files)
+        lines = "".join(f"{f.relative_to(folder).as_posix()}:{digest(f)}\n" for f in files)
         return hashlib.sha256(lines.encode()).hexdigest()
 
     return {"sdft.adapter_sha256": combined(file_sha256), "sdft.adapter_tensors_sha256": combined(tensors_sha256)}

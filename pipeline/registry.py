@@ -1,9 +1,12 @@
 """The one module that talks to MLflow's tracking store and model registry.
 
 Runs: one per retrain, opened by the flow, with the params, reports and lineage tags.
-Registry: versions logged with the native `mlflow.diffusers` flavor (adapter + base-model reference); the serving
-model is the version behind the `champion` alias, the one it replaced keeps `previous-champion`. With
-`registry.approval: manual` the gate's winner gets `challenger` instead, and a person moves `champion` (`approve`).
+Registry: a LoRA is logged with the native `mlflow.diffusers` flavor (adapter + base-model reference); a full
+fine-tune, or a LoRA trained for another prediction type than its base scheduler's, with a small pyfunc model
+(`pipeline.pyfunc_model`: the train output folder + base-model reference), which the diffusers flavor cannot log.
+Both load with `mlflow.pyfunc.load_model` and predict from the same input and params. The serving model is the
+version behind the `champion` alias, the one it replaced keeps `previous-champion`. With `registry.approval: manual`
+the gate's winner gets `challenger` instead, and a person moves `champion` (`approve`).
 
 Every alias move leaves an audit record (who, why, when, from, to) as a JSON tag `sdft.audit.<n>` on the versions
 involved and on the registered model, so the registry itself answers "who made this the champion, and why".
@@ -19,6 +22,8 @@ import getpass
 import json
 import os
 import secrets
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +33,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from pipeline import env
+from pipeline import candidate, env
 
 CHAMPION = "champion"
 PREVIOUS = "previous-champion"
@@ -271,14 +276,31 @@ def _versions(c: Any, model_name: str, extra_filter: str = "") -> list[Any]:
 
 
 def download_adapter(model_name: str, version: str, dst: Path) -> tuple[Path, str]:
-    """Fetch a registered version's adapter folder; return it and the base model it references."""
-    import mlflow.diffusers
+    """Fetch a registered version's train output folder (LoRA or full fine-tune); return it and the base model it
+    references. Both kinds of logged model (see `_log_model`) give a folder that `pipeline.evaluate` reads."""
+    import mlflow.artifacts
+    from mlflow.models import Model
 
     dst.mkdir(parents=True, exist_ok=True)
-    model = with_retries(
-        lambda: mlflow.diffusers.load_model(f"models:/{model_name}/{version}", dst_path=str(dst)), "download model"
+    local = Path(
+        with_retries(
+            lambda: mlflow.artifacts.download_artifacts(f"models:/{model_name}/{version}", dst_path=str(dst)),
+            "download model",
+        )
     )
-    return Path(model.adapter_path), model.base_model
+    flavors = Model.load(str(local)).flavors
+    if "diffusers" in flavors:
+        conf = flavors["diffusers"]
+        return local / conf["adapter_weights"], conf["base_model"]
+    pyfunc = flavors.get("python_function", {})
+    artifact = (pyfunc.get("artifacts") or {}).get(TRAIN_OUTPUT_ARTIFACT)
+    config = pyfunc.get("config") or {}
+    if artifact is None or "base_model" not in config:
+        raise RegistryError(
+            f"version {version} of {model_name!r} holds neither a diffusers adapter nor an sdft train output "
+            f"(flavors: {', '.join(flavors)}): it was not registered by sdft."
+        )
+    return local / artifact["path"], config["base_model"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -420,8 +442,57 @@ def register(
 _LOG_MODEL = threading.Lock()
 
 
+TRAIN_OUTPUT_ARTIFACT = "train_output"  # pipeline.pyfunc_model.ARTIFACT (not imported here: it imports mlflow)
+# The diffusers flavor's signature (mlflow/diffusers/__init__.py), so both kinds of version take the same input.
+GENERATION_PARAMS = (
+    ("num_inference_steps", "integer", 30),
+    ("guidance_scale", "double", 7.5),
+    ("height", "integer", 512),
+    ("width", "integer", 512),
+    ("negative_prompt", "string", ""),
+)
+
+
+def needs_pyfunc(output: candidate.TrainOutput, base_prediction_type: str) -> str:
+    """Why `mlflow.diffusers` cannot log this train output ("" when it can).
+
+    That flavor logs LoRA adapters only, and its pyfunc samples with the base scheduler's prediction type."""
+    if output.method != "lora":
+        return f"method {output.method} (mlflow.diffusers logs LoRA adapters only)"
+    if output.prediction_type and output.prediction_type != base_prediction_type:
+        return (
+            f"trained for {output.prediction_type} on a {base_prediction_type} base (mlflow.diffusers' pyfunc samples "
+            "with the base scheduler)"
+        )
+    return ""
+
+
+def _signature() -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec(type=DataType.string, name="prompt")]),
+        outputs=Schema([ColSpec(type=DataType.binary, name="image")]),
+        params=ParamSchema([ParamSpec(n, getattr(DataType, t), d) for n, t, d in GENERATION_PARAMS]),
+    )
+
+
+def _code_package(folder: Path) -> Path:
+    """A `pipeline` package holding only what the pyfunc model imports, for `code_paths`: a serving machine imports
+    `pipeline.pyfunc_model` from the logged model, with no sdft checkout."""
+    package = folder / "pipeline"
+    package.mkdir(parents=True)
+    here = Path(__file__).parent
+    (package / "__init__.py").write_text('"""sdft: the modules a logged sdft model needs to load."""\n')
+    for name in ("candidate.py", "pyfunc_model.py"):
+        shutil.copy2(here / name, package / name)
+    return package
+
+
 def _log_model(c: Any, run_id: str, adapter_dir: Path, base_model: str) -> Any:
-    """`mlflow.diffusers.log_model` into `run_id`, without `mlflow.start_run` (which would end the run on exit: the
+    """Log the train output into `run_id`: `mlflow.diffusers.log_model` for a LoRA, else the pyfunc model of
+    `pipeline.pyfunc_model` (see `needs_pyfunc`). Without `mlflow.start_run` (which would end the run on exit: the
     run must stay RUNNING until the flow ends it, see claim_and_promote).
 
     Given only a run id, MLflow files the LoggedModel under the *active* experiment (the Default one, where a
@@ -429,18 +500,50 @@ def _log_model(c: Any, run_id: str, adapter_dir: Path, base_model: str) -> Any:
     because that setting is process-wide.
     """
     import mlflow.diffusers
+    from diffusers import DDPMScheduler
 
+    output = candidate.read_output(adapter_dir)
+    revision = output.base_revision
+    base_prediction = DDPMScheduler.load_config(base_model, subfolder="scheduler", revision=revision)
+    why = needs_pyfunc(output, base_prediction.get("prediction_type", "epsilon"))
     experiment = with_retries(lambda: c.get_run(run_id), "read run").info.experiment_id
     with _LOG_MODEL:
         before = os.environ.get("MLFLOW_EXPERIMENT_ID")
         os.environ["MLFLOW_EXPERIMENT_ID"] = experiment
         try:
-            return mlflow.diffusers.log_model(str(adapter_dir), base_model=base_model, name="model", run_id=run_id)
+            if not why:
+                return mlflow.diffusers.log_model(str(adapter_dir), base_model=base_model, name="model", run_id=run_id)
+            return _log_pyfunc(run_id, output, base_model, why)
         finally:
             if before is None:
                 os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
             else:
                 os.environ["MLFLOW_EXPERIMENT_ID"] = before
+
+
+def _log_pyfunc(run_id: str, output: candidate.TrainOutput, base_model: str, why: str) -> Any:
+    import mlflow.diffusers
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    from pipeline.pyfunc_model import TrainedPipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # Model.log rather than mlflow.pyfunc.log_model: only it takes a run id (no start_run, see _log_model).
+        return Model.log(
+            artifact_path=None,
+            name="model",
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            python_model=TrainedPipeline(),
+            artifacts={TRAIN_OUTPUT_ARTIFACT: str(output.folder)},
+            model_config={"base_model": base_model, "base_revision": output.base_revision},
+            code_paths=[str(_code_package(Path(tmp)))],
+            signature=_signature(),
+            # Explicit: otherwise MLflow infers them by loading the model in a subprocess.
+            pip_requirements=mlflow.diffusers.get_default_pip_requirements(),
+            metadata={"sdft": output.describe() | {"why_pyfunc": why}},
+        )
 
 
 def claim_and_promote(c: Any, model_name: str, mv: Any, expected: str | None, claim: str, reason: str) -> None:

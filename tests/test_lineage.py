@@ -38,6 +38,36 @@ def test_tensor_digest_ignores_the_header_but_not_one_bit_of_the_weights(tmp_pat
         lineage.adapter_digests(tmp_path)
 
 
+def _full_output(folder: Path, unet: dict[str, torch.Tensor], text: dict[str, torch.Tensor], config: str) -> Path:
+    """A full fine-tune's train output: sub-model folders (weights + config.json) and training.json."""
+    info = {"format_version": 1, "method": "full", "architecture": "sd", "prediction_type": "epsilon"}
+    (folder / "training.json").parent.mkdir(parents=True)
+    (folder / "training.json").write_text(json.dumps(info | {"trained": ["unet", "text_encoder"]}))
+    for name, tensors, weights in (
+        ("unet", unet, "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", text, "model.safetensors"),
+    ):
+        (folder / name).mkdir()
+        save_file(tensors, folder / name / weights, metadata={"format": "pt"})
+        (folder / name / "config.json").write_text(config)
+    return folder
+
+
+def test_full_fine_tune_digest_covers_every_saved_sub_model_but_not_configs(tmp_path: Path) -> None:
+    text = {"embeddings.weight": torch.zeros(4, 2)}
+    first = lineage.adapter_digests(_full_output(tmp_path / "1", TENSORS, text, '{"_diffusers_version": "0.42.1"}'))
+    # Another diffusers version in config.json: the same weights.
+    again = lineage.adapter_digests(_full_output(tmp_path / "2", TENSORS, text, '{"_diffusers_version": "0.43.0"}'))
+    assert first == again
+    # One changed text-encoder weight changes the digest: every trained sub-model is covered, not only the UNet.
+    changed = lineage.adapter_digests(
+        _full_output(tmp_path / "3", TENSORS, {"embeddings.weight": torch.ones(4, 2)}, "{}")
+    )
+    assert changed["sdft.adapter_tensors_sha256"] != first["sdft.adapter_tensors_sha256"]
+    # A full output with no top-level safetensors is still hashed (the LoRA glob alone would find nothing).
+    assert not list((tmp_path / "1").glob("*.safetensors"))
+
+
 @pytest.mark.parametrize(
     ("uri", "expected"),
     [
