@@ -150,16 +150,13 @@ def architecture_of(pipe: Any) -> str:
 def check_base(pipe: Any, output: TrainOutput) -> None:
     """OutputError when the output was trained on another architecture than the loaded base model's.
 
-    A full fine-tune's UNet says what it is (SDXL's has the "text_time" added embedding). For a LoRA, training.json
-    is the only record, and format_version 1 as train.py writes it today says "sd" for an SDXL LoRA that trained the
-    UNet alone (it names "sdxl" only when text_encoder_2 trained), so only an "sdxl" claim is checked there.
+    A full fine-tune's UNet says what it is (SDXL's has the "text_time" added embedding); for a LoRA, training.json
+    is the record.
     """
     base, trained_on = architecture_of(pipe), output.architecture
     if output.method == "full" and "unet" in output.trained:
         config = json.loads((output.folder / "unet" / "config.json").read_text())
         trained_on = "sdxl" if config.get("addition_embed_type") == "text_time" else "sd"
-    elif trained_on == "sd" and base == "sdxl":
-        return
     if trained_on and trained_on != base:
         raise OutputError(
             f"{output.folder} was trained on an {trained_on!r} base ({output.base_model}), but the base model loaded "
@@ -170,14 +167,17 @@ def check_base(pipe: Any, output: TrainOutput) -> None:
 def apply_output(pipe: Any, output: TrainOutput, fuse: bool = True) -> Any:
     """Turn the base pipeline into the trained model, in place, and return it.
 
-    LoRA: `load_lora_weights` (+ `fuse_lora`: the same function, without LoRA's extra matmuls). Full: the trained
+    LoRA: `load_lora_weights`, through `diffusion.load_lora` for text-encoder LoRA on stacks whose transformers
+    refuses the installed peft (+ `fuse_lora`: the same function, without LoRA's extra matmuls). Full: the trained
     sub-models replace the base's. Then the scheduler predicts what the UNet was trained to predict: a base's own
     scheduler says epsilon, but a UNet trained with `train.prediction_type: v_prediction` outputs velocity, and
     sampling it as noise gives garbage. The base model is evaluated before this is called, so it keeps its own.
     """
     check_base(pipe, output)
     if output.method == "lora":
-        pipe.load_lora_weights(str(output.folder), weight_name=LORA_FILE)
+        from pipeline.diffusion import load_lora
+
+        load_lora(pipe, output.folder, weight_name=LORA_FILE)
         if fuse:
             pipe.fuse_lora()
     else:

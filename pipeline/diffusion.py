@@ -123,6 +123,11 @@ def size_groups(shapes: list[tuple[int, ...]]) -> list[list[int]]:
     return list(groups.values())
 
 
+def stack_if_one_size(latents: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """One (N, ...) tensor when every item has the same shape; else the list (what fixed_validation_loss takes)."""
+    return torch.stack(latents) if latents and len({tuple(x.shape) for x in latents}) == 1 else latents
+
+
 @torch.no_grad()
 def encode_image_list(vae: Any, images: list[Image.Image], batch_size: int = 16) -> list[torch.Tensor]:
     """Latents of images of any sizes (aspect-ratio buckets): one (4, h/8, w/8) tensor per image, in order."""
@@ -287,7 +292,7 @@ def fixed_validation_loss(
     return losses
 
 
-def _stock_text_encoder_lora() -> bool:
+def stock_text_encoder_lora() -> bool:
     """Whether transformers' own adapter API accepts the installed peft (transformers 5 asks for peft >= 0.22)."""
     try:
         from transformers.integrations.peft import MIN_PEFT_VERSION
@@ -301,17 +306,17 @@ def _stock_text_encoder_lora() -> bool:
     return True
 
 
-def load_lora(pipe: Any, folder: Path | str) -> None:
+def load_lora(pipe: Any, folder: Path | str, weight_name: str = "pytorch_lora_weights.safetensors") -> None:
     """`pipe.load_lora_weights(folder)`, also for text-encoder LoRA where transformers refuses the installed peft.
 
     diffusers loads a text encoder's LoRA through transformers' adapter API, which (transformers >= 5) refuses
     peft < 0.22 with a version check. The layers are peft's either way, so here they are injected with peft directly
     from the same file and config; the UNet part always goes through diffusers.
     """
-    state, alphas, metadata = pipe.lora_state_dict(str(folder), return_lora_metadata=True)
+    state, alphas, metadata = pipe.lora_state_dict(str(folder), weight_name=weight_name, return_lora_metadata=True)
     text = {k: v for k, v in state.items() if k.startswith("text_encoder")}
-    if not text or _stock_text_encoder_lora():
-        pipe.load_lora_weights(str(folder))
+    if not text or stock_text_encoder_lora():
+        pipe.load_lora_weights(str(folder), weight_name=weight_name)
         return
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 

@@ -48,11 +48,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from pipeline import candidate, env, metrics
 from pipeline.config import EvaluateParams, ParamsError, load_params, resolve_model
-from pipeline.diffusion import Components, Split, encode_conditioning, encode_images, fixed_validation_loss, read_split
+from pipeline.diffusion import (
+    Components,
+    Split,
+    encode_conditioning,
+    encode_image_list,
+    fixed_validation_loss,
+    read_split,
+    stack_if_one_size,
+)
 from pipeline.features import PLUMBING_ONLY, MissingWeightsError, build_clip, build_image_features, extract
 from pipeline.stats import paired_bootstrap
 
@@ -130,7 +138,7 @@ def build_extractors(params: EvaluateParams, tokenizer: Any) -> Extractors:
 class Reference:
     """What is computed once from real data and shared by every model: held-out latents, image features."""
 
-    val_latents: torch.Tensor
+    val_latents: torch.Tensor | list[torch.Tensor]  # a list when the held-out images differ in size (buckets)
     real_features: torch.Tensor  # held-out images (N_val, D)
     train_features: torch.Tensor  # training images (N_train, D), for memorisation
     train_files: list[str]
@@ -141,9 +149,10 @@ def build_reference(pipe: Any, eval_set: EvalSet, extractors: Extractors, train_
     """Latents of the held-out set, and image features of the held-out and training images."""
     start = time.perf_counter()
     # The VAE is frozen and shared, so held-out latents are the same for every model.
-    val_latents = encode_images(pipe.vae, eval_set.validation.images)
-    real = extract(extractors.image_features, uint8(eval_set.validation.images))
-    train = extract(extractors.image_features, uint8(eval_set.train.images)) if eval_set.train.images else None
+    val_latents = stack_if_one_size(encode_image_list(pipe.vae, eval_set.validation.images))  # buckets: a list
+    real = extract(extractors.image_features, uint8(eval_set.validation.images, eval_set.resolution))
+    train_images = uint8(eval_set.train.images, eval_set.resolution) if eval_set.train.images else None
+    train = extract(extractors.image_features, train_images) if train_images is not None else None
     return Reference(
         val_latents,
         real,
@@ -201,10 +210,16 @@ class ModelEval:
     model: dict[str, Any] = field(default_factory=dict)  # what was measured: method, architecture, prediction type
 
 
-def uint8(images: list[Image.Image]) -> torch.Tensor:
-    """PIL images -> uint8 tensor (N, 3, H, W), what torchmetrics' image metrics and the extractors take."""
+def uint8(images: list[Image.Image], square: int | None = None) -> torch.Tensor:
+    """PIL images -> uint8 tensor (N, 3, H, W), what torchmetrics' image metrics and the extractors take.
+
+    Images of several sizes (aspect-ratio buckets) are centre-cropped and resized to `square` x `square`: the size
+    the models generate at, so real and generated images are compared in the same framing.
+    """
     if not images:
         return torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+    if square is not None and len({im.size for im in images}) > 1:
+        images = [ImageOps.fit(im, (square, square), Image.Resampling.BICUBIC) for im in images]
     return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2)
 
 
@@ -270,8 +285,8 @@ def evaluate_model(name: str, pipe: Any, eval_set: EvalSet, reference: Reference
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         # Conditioning per model: the text encoders may have trained too (train.train_text_encoder). SDXL: both
         # encoders, the pooled text and the size/crop ids, as in training.
-        cond = encode_conditioning(pipe_components(pipe, noise_scheduler), eval_set.validation.captions,
-                                   eval_set.resolution)  # fmt: skip
+        sizes = [(i.height, i.width) for i in eval_set.validation.images]  # SDXL size ids: each image's own
+        cond = encode_conditioning(pipe_components(pipe, noise_scheduler), eval_set.validation.captions, sizes)
         loss = fixed_validation_loss(pipe.unet, noise_scheduler, reference.val_latents, cond, p.val_timesteps, p.seed)
         samples["val_loss"] = loss.tolist()
 

@@ -459,6 +459,13 @@ def needs_pyfunc(output: candidate.TrainOutput, base_prediction_type: str) -> st
     That flavor logs LoRA adapters only, and its pyfunc samples with the base scheduler's prediction type."""
     if output.method != "lora":
         return f"method {output.method} (mlflow.diffusers logs LoRA adapters only)"
+    from pipeline.diffusion import stock_text_encoder_lora
+
+    if any(name.startswith("text_encoder") for name in output.trained) and not stock_text_encoder_lora():
+        return (
+            "text-encoder LoRA, which diffusers' load_lora_weights (what mlflow.diffusers' pyfunc calls) cannot load "
+            "with this transformers and peft (pipeline.diffusion.load_lora can)"
+        )
     if output.prediction_type and output.prediction_type != base_prediction_type:
         return (
             f"trained for {output.prediction_type} on a {base_prediction_type} base (mlflow.diffusers' pyfunc samples "
@@ -485,7 +492,7 @@ def _code_package(folder: Path) -> Path:
     package.mkdir(parents=True)
     here = Path(__file__).parent
     (package / "__init__.py").write_text('"""sdft: the modules a logged sdft model needs to load."""\n')
-    for name in ("candidate.py", "pyfunc_model.py"):
+    for name in ("candidate.py", "pyfunc_model.py", "diffusion.py"):
         shutil.copy2(here / name, package / name)
     return package
 

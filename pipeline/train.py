@@ -48,6 +48,7 @@ from pipeline.diffusion import (
     read_split,
     size_groups,
     sizes_conditioning,
+    stack_if_one_size,
     text_conditioning,
     tokenize,
 )
@@ -80,6 +81,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     cost: dict[str, float] = field(default_factory=dict)
     prediction_type: str = "epsilon"  # what the UNet was trained to predict (the base scheduler's, or the override)
+    architecture: str = "sd"  # the base model's: "sd" (1.x/2.x) or "sdxl"
 
     @property
     def lora_state(self) -> dict[str, torch.Tensor]:
@@ -324,10 +326,6 @@ class TrainData:
     precomputed: bool = False  # read from the encode stage's output rather than encoded here
 
 
-def _stack_if_one_size(latents: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-    return torch.stack(latents) if len({tuple(x.shape) for x in latents}) <= 1 and latents else latents
-
-
 def encode_data(
     components: Components,
     train_split: Split,
@@ -406,7 +404,7 @@ def encode_data(
         empty_cond={k: v.to(device) for k, v in empty.items()} if empty else None,
         empty_tokens=tokenize(components, [""]),
         time_ids=sdxl_ids.to(device) if sdxl_ids is not None else None,
-        val_latents=_stack_if_one_size(val_rows),
+        val_latents=stack_if_one_size(val_rows),
         val_cond=val_cond,
         val_captions=list(val_split.captions),
         val_sizes=val_sizes,
@@ -783,6 +781,7 @@ def train(
         resumed_from_step=resumed_from,
         history=state.history,
         prediction_type=scheduler.config.prediction_type,
+        architecture="sdxl" if components.is_sdxl else "sd",
         cost={
             "train_seconds": round(seconds, 3),
             "encode_seconds": round(encode_seconds, 3),
@@ -995,7 +994,7 @@ def save_adapter(result: TrainResult, out: Path, base: dict[str, Any] | None = N
     description = {
         "format_version": 1,
         "method": result.method,
-        "architecture": "sdxl" if "text_encoder_2" in result.models else "sd",
+        "architecture": result.architecture,
         "prediction_type": result.prediction_type,
         "trained": sorted(result.models),
         **(base or {}),

@@ -217,3 +217,24 @@ def test_older_adapter_without_training_json_is_an_sd_lora_with_the_base_schedul
     output = candidate.read_output(legacy)
     assert (output.method, output.architecture, output.prediction_type) == ("lora", None, None)
     assert candidate.weight_files(output) == [legacy / candidate.LORA_FILE]
+
+
+def test_text_encoder_lora(tmp_path: Path, tiny_model: Path, prepared: Path) -> None:
+    # The candidate's held-out conditioning comes from its LoRA-adapted text encoder, loaded from the same file.
+    result = train_output(tiny_model, prepared, tmp_path / "adapter", train_text_encoder=True, text_encoder_lr=1e-2)
+    assert result.best_step > 0
+    code, summary, samples = run_evaluate(tmp_path, tiny_model, prepared, tmp_path / "adapter")
+    assert code == 0
+    assert summary["evaluation"]["models"]["candidate"]["trained"] == ["text_encoder", "unet"]
+    assert_reproduces_training(samples, result)
+
+
+def test_lora_trained_on_aspect_ratio_buckets(tmp_path: Path, tiny_model: Path) -> None:
+    from tests.test_encode import SIZES, make_prepared
+
+    buckets = make_prepared(tmp_path / "prepared", SIZES)  # held-out images of three sizes too
+    result = train_output(tiny_model, buckets, tmp_path / "adapter")
+    code, summary, samples = run_evaluate(tmp_path, tiny_model, buckets, tmp_path / "adapter")
+    assert code == 0
+    assert_reproduces_training(samples, result)
+    assert len(samples["candidate"]["val_loss"]) == 5
