@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import dataclasses
 import hashlib
@@ -98,12 +99,19 @@ def pick_mixed_precision(setting: str) -> str:
     return "no"
 
 
-def pick_frozen_dtype(params: TrainParams, mixed_precision: str) -> torch.dtype:
+def pick_frozen_dtype(params: TrainParams, mixed_precision: str, fsdp: bool = False) -> torch.dtype:
     """dtype of the frozen weights: with LoRA under bf16/fp16 autocast they are only ever read in that dtype, so keeping
     them in it halves their memory and the casts of every step; the trained (LoRA) weights and their optimizer state
     stay fp32 (select_trainable), as mixed precision needs for small updates to register."""
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}
     setting = params.frozen_precision
+    if fsdp:  # FSDP2 shards a module's parameters in one flat dtype; its own mixed-precision policy casts them
+        if setting in half:
+            raise ParamsError(
+                f"train.frozen_precision: {setting} cannot be used under FSDP (one dtype per sharded module; FSDP's "
+                "mixed precision casts for compute): set frozen_precision: auto."
+            )
+        return torch.float32
     if setting == "auto":
         return half.get(mixed_precision, torch.float32) if params.method == "lora" else torch.float32
     if setting in half and mixed_precision == "no":
@@ -625,6 +633,7 @@ def train(
     held-out validation loss. With `checkpoints`, save resumable state there and resume from a matching checkpoint.
     """
     from accelerate import Accelerator
+    from accelerate.utils import broadcast
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
@@ -637,6 +646,18 @@ def train(
             f"{launched} processes were launched but accelerate runs {accelerator.num_processes}: without GPUs set "
             "ACCELERATE_USE_CPU=true (gloo), or launch with `accelerate launch --config_file configs/accelerate/...`."
         )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not accelerator.is_fsdp2:
+        # accelerate 1.15 shards only on GPUs (without them it silently runs DDP), and this loop knows FSDP2 only.
+        raise ParamsError(
+            f"FSDP was asked for but accelerate runs {accelerator.distributed_type.value}: FSDP needs GPUs and "
+            "fsdp_version: 2 (configs/accelerate/fsdp.yaml). Without GPUs use DDP "
+            "(configs/accelerate/multi-gpu-ddp.yaml)."
+        )
+    if accelerator.is_fsdp2 and params.train_text_encoder:
+        raise ParamsError(
+            "train.train_text_encoder must be false under FSDP: accelerate shards one model per run (the UNet). "
+            "Train the text encoder with DDP (configs/accelerate/multi-gpu-ddp.yaml)."
+        )
     trainable = select_trainable(components, params)
     counts = parameter_counts(components)
     print(describe_counts(counts, params.method))
@@ -647,7 +668,7 @@ def train(
     )
     encode_seconds = time.perf_counter() - t0
     # After encoding (the latents are computed in fp32, as the encode stage computes them).
-    frozen_dtype = pick_frozen_dtype(params, accelerator.mixed_precision)
+    frozen_dtype = pick_frozen_dtype(params, accelerator.mixed_precision, fsdp=accelerator.is_fsdp2)
     if frozen_dtype != torch.float32:
         cast_frozen([components.unet, *components.text_encoders], frozen_dtype)
 
@@ -666,8 +687,12 @@ def train(
         num_warmup_steps=params.lr_warmup_steps,
         num_training_steps=max(params.max_steps, 1),
     )
+    # FSDP shards the UNet in place: keep its structure (weights on the meta device) to receive the gathered result.
+    skeleton = unsharded_copy(unet) if accelerator.is_fsdp2 else None
     prepared = accelerator.prepare(unet, *text_models, optimizer)
     wrapped, optimizer = prepared[:-1], prepared[-1]
+    if accelerator.is_fsdp2:  # fully_shard replaced the parameters by this process's shards (DTensors)
+        trainable = {f"unet.{n}": p for n, p in wrapped[0].named_parameters() if p.requires_grad}
     # The step runs the wrapped models (DDP needs its wrapper's forward to average gradients).
     step_components = dataclasses.replace(
         components, **dict(zip(("unet", "text_encoder", "text_encoder_2"), wrapped, strict=False))
@@ -698,13 +723,18 @@ def train(
                 loss = fixed_validation_loss(
                     unet, scheduler, data.val_latents, val_cond, params.validation_timesteps, params.seed
                 )
+            if accelerator.is_fsdp2:  # drop the weights gathered for this forward: the EMA swap-back writes shards
+                reshard(unet)
             for model in (unet, *text_models):
                 model.train()
-            return float(loss.mean())
+            loss = loss.mean()
+            if accelerator.is_fsdp2:  # all take the same best-weights decision: their snapshot is a collective
+                loss = broadcast(loss.reshape(1).to(accelerator.device))
+            return float(loss)
 
     def snapshot() -> dict[str, torch.Tensor]:
         source = ema.shadow if ema else trainable
-        return {n: p.detach().cpu().clone() for n, p in source.items()}
+        return {n: full_tensor(p.detach()).to("cpu", copy=True) for n, p in source.items()}
 
     state, best_weights = LoopState(), {}
     if checkpoints is not None:
@@ -729,7 +759,7 @@ def train(
             break
         draw = draw_step(state, data, params, rows_per_step, generator, scheduler.config.num_train_timesteps)
         step_loss = accumulate_gradients(step_components, data, scheduler, draw, params, accelerator, loss_scale)
-        accelerator.clip_grad_norm_(list(trainable.values()), params.max_grad_norm)
+        clip_gradients(accelerator, trainable, params.max_grad_norm)
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -756,20 +786,22 @@ def train(
                 best_weights = snapshot()
         if saving:
             state.seconds = time.perf_counter() - start
-            if accelerator.is_main_process:
-                save_checkpoint(
-                    checkpoints, fingerprint, params, state, trainable, best_weights, optimizer, lr_scheduler, ema,
-                    generator,
-                )  # fmt: skip
+            save_checkpoint(
+                checkpoints, fingerprint, params, state, trainable, best_weights, optimizer, lr_scheduler, ema,
+                generator, write=accelerator.is_main_process,
+            )  # fmt: skip
             accelerator.wait_for_everyone()
     sync_losses(pending, losses, accelerator, live, state, start, bar)
     bar.close()
     live.flush()
 
     load_weights(trainable, best_weights)
+    models = trained_models(components, trainable)
+    if skeleton is not None:
+        models["unet"] = gather_model(accelerator, unet, skeleton)
     seconds = time.perf_counter() - start
     return TrainResult(
-        models={name: accelerator.unwrap_model(m) for name, m in trained_models(components, trainable).items()},
+        models={name: accelerator.unwrap_model(m) for name, m in models.items()},
         method=params.method,
         best_step=state.best_step,
         best_val_loss=state.best,
@@ -885,8 +917,84 @@ def trained_models(components: Components, trainable: dict[str, torch.nn.Paramet
 
 @torch.no_grad()
 def load_weights(trainable: dict[str, torch.nn.Parameter], weights: dict[str, torch.Tensor]) -> None:
+    """Copy whole `weights` into the trained parameters (into each process's shard under FSDP: a collective)."""
     for n, p in trainable.items():
-        p.copy_(weights[n])
+        p.copy_(shard_like(weights[n], p))
+
+
+# --- sharded weights (FSDP) --------------------------------------------------------------------------------------
+# Under FSDP2 each trained parameter is a DTensor holding this process's shard. Whatever reads or writes weights
+# (best-weights snapshots, checkpoints, the saved model) goes through these, which gather or split the whole tensors
+# and pass plain tensors through. Gathering and splitting are collectives: every process calls them, in the same order.
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: an FSDP shard (DTensor) is all-gathered, a plain tensor is returned as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A whole `tensor` on `like`'s device, split as `like` is when `like` is an FSDP shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(like, DTensor):
+        return distribute_tensor(tensor.to(like.device), like.device_mesh, like.placements)
+    return tensor.to(like.device)
+
+
+def full_optimizer_state(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """`optimizer.state_dict()` with whole tensors (Adam's moments are sharded like their parameters under FSDP)."""
+    state = {i: {k: full_tensor(v) for k, v in s.items()} for i, s in state_dict["state"].items()}
+    return state_dict | {"state": state}
+
+
+def shard_optimizer_state(optimizer: Any) -> None:
+    """After `load_state_dict` of whole tensors: split each state tensor shaped like its parameter as the parameter."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.dim() > 0:
+                    optimizer.state[p][key] = shard_like(value, p)
+
+
+def reshard(model: Any) -> None:
+    """Free FSDP's gathered copy of the weights, so that the next forward gathers the shards again.
+
+    A forward without backward (validation) leaves at least the root's weights gathered; written shards (the EMA
+    swap, `load_weights`) would not reach that copy, and the next training step would run the stale weights.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def clip_gradients(accelerator: Any, trainable: dict[str, torch.nn.Parameter], max_norm: float) -> None:
+    if accelerator.is_fsdp2:
+        # accelerate clips FSDP gradients only when given all of a model's parameters (silently none otherwise);
+        # torch's clip computes the norm over the sharded gradients (DTensors) of the whole model.
+        accelerator.unscale_gradients()
+        torch.nn.utils.clip_grad_norm_(list(trainable.values()), max_norm)
+    else:
+        accelerator.clip_grad_norm_(list(trainable.values()), max_norm)
+
+
+def unsharded_copy(model: Any) -> Any:
+    """`model`'s structure (class, config, LoRA layers) with its parameters on the meta device: no memory."""
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad) for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def gather_model(accelerator: Any, model: Any, skeleton: Any) -> Any:
+    """The main process: `skeleton` holding `model`'s whole weights (gathered to its CPU); the others: `model`."""
+    state = accelerator.get_state_dict(model)  # every process; FSDP2: a full state dict on the main process only
+    if not accelerator.is_main_process:
+        return model
+    skeleton.load_state_dict(state, assign=True)
+    return skeleton
 
 
 # --- checkpoints -------------------------------------------------------------------------------------------------
@@ -903,12 +1011,16 @@ def save_checkpoint(
     lr_scheduler: Any,
     ema: EMA | None,
     generator: torch.Generator,
-) -> Path:
-    opt_tensors, opt_meta = checkpoint.flatten_optimizer(optimizer.state_dict())
+    write: bool = True,
+) -> Path | None:
+    """Every process calls it (FSDP gathers the sharded weights and optimizer state); only `write` saves."""
+    opt_tensors, opt_meta = checkpoint.flatten_optimizer(full_optimizer_state(optimizer.state_dict()))
+    tensors = {f"weights.{n}": full_tensor(p) for n, p in trainable.items()}
+    tensors |= {f"ema.{n}": full_tensor(w) for n, w in ema.shadow.items()} if ema else {}
+    if not write:
+        return None
     rng_tensors, rng_meta = checkpoint.rng_state(generator)
-    tensors = {f"weights.{n}": p for n, p in trainable.items()}
     tensors |= {f"best.{n}": w for n, w in best_weights.items()}
-    tensors |= {f"ema.{n}": w for n, w in ema.shadow.items()} if ema else {}
     tensors |= opt_tensors | rng_tensors | {"order": state.order, "class_order": state.class_order}
     meta = {k: v for k, v in asdict(state).items() if k not in ("order", "class_order")}
     meta |= {"optimizer": opt_meta, "lr_scheduler": lr_scheduler.state_dict(), "rng": rng_meta}
@@ -937,9 +1049,10 @@ def resume(
     tensors, meta = ckpt.tensors, ckpt.state
     load_weights(trainable, {n: tensors[f"weights.{n}"] for n in trainable})
     optimizer.load_state_dict(checkpoint.unflatten_optimizer(tensors, meta["optimizer"]))
+    shard_optimizer_state(optimizer)
     lr_scheduler.load_state_dict(meta["lr_scheduler"])
     if ema:
-        ema.shadow = {n: tensors[f"ema.{n}"].to(p.device) for n, p in trainable.items()}
+        ema.shadow = {n: shard_like(tensors[f"ema.{n}"], p) for n, p in trainable.items()}
     checkpoint.set_rng_state(generator, tensors, meta["rng"])
     fields = {f.name for f in dataclasses.fields(LoopState)}
     state = LoopState(**{k: v for k, v in meta.items() if k in fields})
