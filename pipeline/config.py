@@ -168,6 +168,14 @@ class TrainParams(_Section):
     log_every: Annotated[int, Field(ge=1)] = 10
     validation_every: Annotated[int, Field(ge=1)] = 25
     validation_timesteps: Annotated[int, Field(ge=1)] = 4
+    sample_every: Annotated[int, Field(ge=0)] = Field(
+        0, description="Steps between sample-image grids (fixed prompts and seeds); 0: none during training."
+    )
+    sample_prompts: list[str] = Field(
+        default_factory=list, description="Prompts of the sample grids ([]: the first 4 held-out captions)."
+    )
+    sample_steps: Annotated[int, Field(ge=1)] = 20
+    sample_guidance_scale: Annotated[float, Field(ge=1)] = 5.0
     early_stopping_patience: Annotated[int, Field(ge=0)] = 0
     early_stopping_min_delta: Annotated[float, Field(ge=0)] = 0.0
     checkpoint_every: Annotated[int, Field(ge=0)] = 0

@@ -127,9 +127,15 @@ def model_card(
         f"{summary.get('stop_reason', '')}",
         f"- **Parameters**: {summary.get('parameters', {}).get('trainable', 0):,} trained, "
         f"{summary.get('parameters', {}).get('frozen', 0):,} frozen",
-        f"- **Samples**: base vs candidate grid in `{grid}` (written by the evaluate stage)",
+        f"- **Samples**: base vs candidate grid in `{grid}` (written by the evaluate stage)"
+        + (
+            "; below, these weights on the fixed sample prompts and seeds (`samples.png`)"
+            if "samples.png" in files
+            else ""
+        ),
         f"- **Files**: {', '.join(f'`{f}`' for f in files)}",
         "",
+        *(["![samples at the best step](samples.png)", ""] if "samples.png" in files else []),
         "## Load it",
         "",
         "```python",

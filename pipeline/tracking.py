@@ -35,6 +35,11 @@ class LiveLog:
         if len(self._pending) >= self.flush_every:
             self.flush()
 
+    def image(self, image: Any, key: str, step: int) -> None:
+        """A PIL image under `key` at `step` (the MLflow UI shows the steps of a key as a slider)."""
+        if self._client:
+            self._client.log_image(self.run_id, image, key=key, step=step)
+
     def flush(self) -> None:
         if self._client and self._pending:
             # MLflow accepts at most 1,000 metrics per batch.

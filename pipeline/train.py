@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -55,11 +56,13 @@ from pipeline.diffusion import (
 )
 from pipeline.encoded import EncodedSplit
 from pipeline.export import KOHYA_FILE, export_kohya, model_card
+from pipeline.samples import sample_grid
 from pipeline.tracking import LiveLog
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 # Beside the weights: what they are (method, architecture, prediction type, base model), for evaluate and the registry.
 TRAINING_FILE = "training.json"
+SAMPLES_FILE = "samples.png"  # the best weights on the fixed sample prompts and seeds (shown by the model card)
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP text encoder attention
 
 
@@ -83,6 +86,7 @@ class TrainResult:
     cost: dict[str, float] = field(default_factory=dict)
     prediction_type: str = "epsilon"  # what the UNet was trained to predict (the base scheduler's, or the override)
     architecture: str = "sd"  # the base model's: "sd" (1.x/2.x) or "sdxl"
+    samples: dict[int, Any] = field(default_factory=dict)  # step -> sample grid (PIL image), every sample_every steps
 
     @property
     def lora_state(self) -> dict[str, torch.Tensor]:
@@ -736,6 +740,26 @@ def train(
         source = ema.shadow if ema else trainable
         return {n: full_tensor(p.detach()).to("cpu", copy=True) for n, p in source.items()}
 
+    sample_prompts = params.sample_prompts or list(val_split.captions[:4])
+    sample_size = (train_split.images[0].height, train_split.images[0].width)
+    samples: dict[int, Any] = {}
+    live_images = LiveLog()
+
+    def sample(step: int) -> None:
+        """A grid for the fixed prompts and seeds: on the main process (all of them under FSDP: a collective)."""
+        if not (accelerator.is_main_process or accelerator.is_fsdp2) or not sample_prompts:
+            return
+        with ema.applied(trainable) if ema else contextlib.nullcontext():
+            grid = sample_grid(
+                components, unet, scheduler, sample_prompts, params.seed, sample_size, params.sample_steps,
+                params.sample_guidance_scale, accelerator.autocast() if frozen_dtype != torch.float32 else None,
+            )  # fmt: skip
+        if accelerator.is_fsdp2:
+            reshard(unet)
+        if accelerator.is_main_process:
+            samples[step] = grid
+            live_images.image(grid, "train_samples", step)
+
     state, best_weights = LoopState(), {}
     if checkpoints is not None:
         state, best_weights = resume(
@@ -779,6 +803,8 @@ def train(
         saving = checkpoints is not None and params.checkpoint_every and step % params.checkpoint_every == 0
         if validating or saving or len(pending) == params.log_every:
             sync_losses(pending, losses, accelerator, live, state, start, bar)
+        if params.sample_every and step % params.sample_every == 0:
+            sample(step)
         if validating:
             record["val_loss"] = val = validate()
             live.metrics({"train.val_loss": val}, step)
@@ -812,6 +838,7 @@ def train(
         parameters=counts,
         resumed_from_step=resumed_from,
         history=state.history,
+        samples=samples,
         prediction_type=scheduler.config.prediction_type,
         architecture="sdxl" if components.is_sdxl else "sd",
         cost={
@@ -1079,8 +1106,6 @@ def save_adapter(result: TrainResult, out: Path, base: dict[str, Any] | None = N
     safetensors header so alpha != rank loads with the right scale. Full: the changed sub-models in the diffusers
     layout (`unet/`, `text_encoder/`, ...), each loadable with `from_pretrained(out, subfolder=...)`.
     """
-    import shutil
-
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     partial = out.with_name(out.name + ".partial")
@@ -1120,8 +1145,15 @@ def save_adapter(result: TrainResult, out: Path, base: dict[str, Any] | None = N
 
 def write_reports(result: TrainResult, report_dir: Path) -> None:
     report_dir.mkdir(parents=True, exist_ok=True)
-    summary = {k: v for k, v in asdict(result).items() if k not in ("models", "history")}
+    # Not asdict(): it would deep-copy the models and images it then drops.
+    skip = ("models", "history", "samples")
+    summary = {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name not in skip}
     (report_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    folder = report_dir / "samples"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    for step, grid in sorted(result.samples.items()):
+        grid.save(folder / f"step_{step:06d}.png")
     with open(report_dir / "curve.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["step", "train_loss", "val_loss", "lr"], restval="")
         writer.writeheader()
@@ -1133,7 +1165,7 @@ def data_identity(*splits: Split | None) -> list[list[tuple[str, str]]]:
     return [sorted(zip(s.hashes, s.captions, strict=True)) if s else [] for s in splits]
 
 
-def run(params: Params, root: Path, args: argparse.Namespace) -> TrainResult:
+def run(params: Params, root: Path, args: argparse.Namespace) -> tuple[TrainResult, Components]:
     model = resolve_model(params, root)
     components = load_components(model, params.base.revision)
     train_split, val_split = read_split(args.prepared / "train"), read_split(args.prepared / "validation")
@@ -1155,7 +1187,7 @@ def run(params: Params, root: Path, args: argparse.Namespace) -> TrainResult:
         f"{params.base.model}@{params.base.revision}",
         {"splits": data_identity(train_split, val_split, class_split), "random_flip": params.data.random_flip},
     )
-    return train(
+    result = train(
         components,
         train_split,
         val_split,
@@ -1165,6 +1197,26 @@ def run(params: Params, root: Path, args: argparse.Namespace) -> TrainResult:
         fingerprint=run_fingerprint,
         random_flip=params.data.random_flip,
         precomputed=precomputed,
+    )
+    return result, components
+
+
+def best_samples(result: TrainResult, components: Components, params: TrainParams, prepared: Path) -> Any:
+    """The sample grid of the weights the stage outputs (the best), for the model card; None without prompts."""
+    from diffusers import DDPMScheduler
+
+    val_split = read_split(prepared / "validation")
+    prompts = params.sample_prompts or list(val_split.captions[:4])
+    if not prompts:
+        return None
+    models = {"vae": components.vae} | {k: v for k, v in result.models.items()}
+    for model in models.values():
+        model.float()  # frozen weights may have trained in bf16/fp16 (frozen_precision); sampling here is fp32
+    trained = dataclasses.replace(components, **models)
+    scheduler = DDPMScheduler.from_config(components.noise_scheduler.config, prediction_type=result.prediction_type)
+    size = (val_split.images[0].height, val_split.images[0].width) if val_split.images else (64, 64)
+    return sample_grid(
+        trained, trained.unet, scheduler, prompts, params.seed, size, params.sample_steps, params.sample_guidance_scale
     )
 
 
@@ -1212,7 +1264,7 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(args.params).resolve().parent
         if params.train.compile:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / ".sdft" / "compile-cache"))
-        result = run(params, root, args)
+        result, components = run(params, root, args)
     except ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -1227,6 +1279,10 @@ def main(argv: list[str] | None = None) -> int:
     if params.train.export_kohya:
         export_kohya(args.out, args.out / KOHYA_FILE, params.base.model, result.data_hash)
     write_reports(result, args.report)
+    grid = best_samples(result, components, params.train, args.prepared)
+    if grid is not None:
+        grid.save(args.out / SAMPLES_FILE)
+        grid.save(args.report / "samples" / "best.png")
     summary = json.loads((args.report / "summary.json").read_text())
     files = sorted(p.relative_to(args.out).as_posix() for p in args.out.rglob("*") if p.is_file())
     card = model_card(params.base.model, result.data_hash, params.train.model_dump(), summary, files)

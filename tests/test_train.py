@@ -499,3 +499,28 @@ def test_cost_counts_flops_per_image_and_mfu_against_a_given_peak(
     cost = costs[1]
     assert cost["mfu"] == pytest.approx(cost["achieved_tflops"] / 0.5, abs=1e-4)  # both rounded
     assert cost["gpu_hours"] == 0.0 and cost["first_step_seconds"] > 0
+
+
+def test_sample_grids_every_n_steps_and_for_the_best_weights(tmp_path: Path, tiny_model: Path, prepared: Path) -> None:
+    from PIL import Image
+
+    from pipeline.train import SAMPLES_FILE
+
+    params = write_params(
+        tmp_path / "p", tiny_model, prepared, max_steps=4, batch_size=4, learning_rate=1e-2, validation_every=2,
+        validation_timesteps=2, sample_every=2, sample_steps=3, sample_prompts=["a red circle", "a blue square"],
+    )  # fmt: skip
+    out, report = tmp_path / "adapter", tmp_path / "report"
+    args = ["--params", str(params), "--prepared", str(prepared), "--out", str(out), "--report", str(report)]
+    assert main(args) == 0
+    grids = sorted(p.name for p in (report / "samples").iterdir())
+    assert grids == ["best.png", "step_000002.png", "step_000004.png"]
+    with Image.open(out / SAMPLES_FILE) as grid, Image.open(report / "samples" / "step_000002.png") as early:
+        assert grid.width == early.width == 2 * 96  # one cell per prompt
+        assert grid.height > 64  # the image, then its caption
+    # Fixed prompts and seeds: the best weights' grid is the grid drawn at the best step.
+    best_step = json.loads((report / "summary.json").read_text())["best_step"]
+    assert best_step in (2, 4)
+    with Image.open(out / SAMPLES_FILE) as grid, Image.open(report / "samples" / f"step_{best_step:06d}.png") as at:
+        assert list(grid.getdata()) == list(at.getdata())
+    assert "![samples at the best step](samples.png)" in (out / "README.md").read_text()
