@@ -11,8 +11,9 @@ peak memory; the GPU variants add MFU from FLOPs counted with `torch.utils.flop_
   weights in the mixed-precision dtype, LoRA weights in fp32, a host sync (`.item()`) every step. The in-repo baseline.
 - `stage-plain`: `pipeline.train.train`, fp32, no speed options (latents and text embeddings are still cached: the stage
   always does that).
-- `stage-fast`: the same stage with mixed precision (auto), fused AdamW, channels-last and, with `--compile`,
-  `torch.compile`. Its loss curve is compared with `stage-plain`'s (same seed, same data order).
+- `stage-fast`: the same stage with mixed precision (auto), frozen weights in that dtype (`--frozen-precision`),
+  fused AdamW, channels-last and, with `--compile`, `torch.compile` (`--compile-mode reduce-overhead` for CUDA
+  graphs). Its loss curve is compared with `stage-plain`'s (same seed, same data order).
 
 The architectures are built from config with random weights (`--arch sd15|sdxl` have the exact SD 1.5 / SDXL shapes),
 so nothing is downloaded; the data is synthetic. Results go to `--out` as JSON and are printed as a table.
@@ -198,6 +199,9 @@ def run_stage(components: Any, split: Any, args: argparse.Namespace, fast: bool)
         "optimizer": "adamw_fused" if fast and args.device == "cuda" else "adamw",
         "channels_last": fast and args.device == "cuda",
         "compile": fast and args.compile,
+        "compile_mode": args.compile_mode,
+        # auto: frozen weights in the mixed-precision dtype (bf16 on a GPU), LoRA weights fp32; "no" keeps them fp32
+        "frozen_precision": args.frozen_precision if fast else "auto",
         "log_every": 50,
     }
 
@@ -221,6 +225,9 @@ def run_stage(components: Any, split: Any, args: argparse.Namespace, fast: bool)
         "step_seconds": seconds / args.steps,
         "end_to_end_images_per_s": full.cost["images_per_s"],
         "encode_seconds": full.cost["encode_seconds"],
+        # The first step's excess over the others (compilation, allocator and autotuning warm-up) in the warm-up run.
+        "first_step_seconds": warm.cost.get("first_step_seconds"),
+        "stage_flops_per_image": full.cost["flops_per_image"],
         "peak_memory_mb": _peak_mb(args.device),
         "losses": losses,
         "options": options,
@@ -309,6 +316,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compile, allocator, caches)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet in stage-fast")
+    parser.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="train.compile_mode for stage-fast (reduce-overhead: CUDA graphs)",
+    )
+    parser.add_argument(
+        "--frozen-precision", default="auto", choices=["auto", "no", "bf16", "fp16"], help="stage-fast's frozen weights"
+    )
     parser.add_argument("--variants", default="recipe,stage-plain,stage-fast")
     parser.add_argument("--out", type=Path, default=Path("bench/results/train.json"))
     parser.add_argument("--child", help=argparse.SUPPRESS)

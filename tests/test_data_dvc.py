@@ -161,3 +161,20 @@ def test_a_remote_folder_imported_with_dvc_is_a_source_and_dvc_update_brings_new
 def report_after_repro(project: Path) -> dict:
     assert "Running stage 'prepare'" in dvc(project, "repro")
     return report(project)
+
+
+def test_new_images_rerun_every_stage_downstream_and_nothing_else_does(tmp_path: Path, tiny_model: Path) -> None:
+    from tests.conftest import new_project
+
+    tiny = {"train.max_steps": 2, "train.validation_every": 2, "train.sample_every": 0, "train.sample_steps": 2}
+    tiny |= {"evaluate.images_per_prompt": 1, "evaluate.num_inference_steps": 2, "evaluate.val_timesteps": 2}
+    tiny |= {"evaluate.bootstrap_resamples": 200, "evaluate.prompts": ["a red circle"], "evaluate.general_prompts": []}
+    project = new_project(tmp_path / "project", tiny_model, tiny)
+    dvc(project, "init", "-q")
+    stages = ("prepare", "encode", "train", "evaluate")
+    out = dvc(project, "repro")
+    assert all(f"Running stage '{s}'" in out for s in stages), out
+    assert "Running stage" not in dvc(project, "repro")  # nothing changed: nothing runs
+    add_images(project / "data" / "demo", 1000, 1)  # one new image and caption in the source folder
+    out = dvc(project, "repro")
+    assert all(f"Running stage '{s}'" in out for s in stages), out

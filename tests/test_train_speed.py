@@ -39,3 +39,37 @@ def test_compiled_unet_trains_to_the_same_weights(tiny_model: Path, splits) -> N
     plain = _lora(tiny_model, splits)
     compiled = _lora(tiny_model, splits, compile=True)
     assert_same_training(compiled, plain, lr=tp().learning_rate, steps=2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="torch.compile needs a C compiler"
+)
+def test_compiled_graphs_are_cached_for_the_next_run(tmp_path: Path, tiny_model: Path, prepared: Path) -> None:  # noqa: F811
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_train import REPO, write_params
+
+    params = write_params(tmp_path, tiny_model, prepared, max_steps=2, batch_size=4, compile=True, sample_every=0)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHINDUCTOR")}
+    cache = tmp_path / ".sdft" / "compile-cache"
+
+    def run(n: int) -> tuple[set[Path], dict]:
+        out, report = tmp_path / f"out{n}", tmp_path / f"report{n}"
+        cmd = [sys.executable, "-m", "pipeline.train", "--params", str(params), "--prepared", str(prepared)]
+        done = subprocess.run(
+            [*cmd, "--out", str(out), "--report", str(report)], env=env, cwd=REPO, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return {p for p in cache.rglob("*") if p.is_file()}, json.loads((report / "summary.json").read_text())
+
+    first, summary = run(1)
+    assert first, "the first compiled run wrote nothing to .sdft/compile-cache"
+    assert summary["cost"]["first_step_seconds"] > 0 and "warmup_seconds" in summary["cost"]
+    second, _ = run(2)
+    # Same model, shapes and code: the second process finds every compiled graph and writes no new one.
+    fx_graphs = lambda files: {p for p in files if "fxgraph" in p.parts}  # noqa: E731
+    assert fx_graphs(first) and fx_graphs(second) == fx_graphs(first)
