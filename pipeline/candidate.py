@@ -185,7 +185,10 @@ def apply_output(pipe: Any, output: TrainOutput, fuse: bool = True) -> Any:
             current = getattr(pipe, name, None)
             if current is None:
                 raise OutputError(f"{output.folder}/{name}/ was trained, but the base pipeline has no {name}.")
-            model = type(current).from_pretrained(str(output.folder), subfolder=name, torch_dtype=current.dtype)
+            # safetensors only: an output pulled back from the registry is never unpickled.
+            model = type(current).from_pretrained(
+                str(output.folder), subfolder=name, torch_dtype=current.dtype, use_safetensors=True
+            )
             model.requires_grad_(False)
             model.eval()
             setattr(pipe, name, model.to(current.device))

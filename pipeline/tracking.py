@@ -6,9 +6,11 @@ The flow opens one MLflow run per retrain and passes its id to the DVC stages in
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -46,3 +48,23 @@ class LiveLog:
             for start in range(0, len(self._pending), 1000):
                 self._client.log_batch(self.run_id, metrics=self._pending[start : start + 1000])
             self._pending = []
+
+
+@contextlib.contextmanager
+def system_metrics(interval_s: float = 10.0) -> Iterator[None]:
+    """MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) for the run in `MLFLOW_RUN_ID`,
+    sampled while the block runs; nothing without a run. Several stages append to the same series (resume_logging).
+    """
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, when set, overrides interval_s (MLflow reads it).
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()

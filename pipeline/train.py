@@ -57,7 +57,7 @@ from pipeline.diffusion import (
 from pipeline.encoded import EncodedSplit
 from pipeline.export import KOHYA_FILE, export_kohya, model_card
 from pipeline.samples import sample_grid
-from pipeline.tracking import LiveLog
+from pipeline.tracking import LiveLog, system_metrics
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 # Beside the weights: what they are (method, architecture, prediction type, base model), for evaluate and the registry.
@@ -359,12 +359,12 @@ def encode_data(
     images, captions = list(train_split.images) + class_images, list(train_split.captions) + class_captions
     sizes = [(i.height, i.width) for i in images]
     val_sizes = [(i.height, i.width) for i in val_split.images]
-    mirror = [ImageOps.mirror(i) for i in class_images]
     if precomputed is not None:
         train_enc, val_enc = precomputed
         rows = train_enc.latents + encode_image_list(vae, class_images)
         # Mirrored images are encoded too (not the latents flipped: the VAE is not exactly flip-equivariant).
-        flipped_rows = train_enc.flipped + encode_image_list(vae, mirror) if random_flip else None
+        mirrored = [ImageOps.mirror(i) for i in class_images]
+        flipped_rows = train_enc.flipped + encode_image_list(vae, mirrored) if random_flip else None
         val_rows = val_enc.latents
     else:
         rows = encode_image_list(vae, images)
@@ -1264,7 +1264,8 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(args.params).resolve().parent
         if params.train.compile:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / ".sdft" / "compile-cache"))
-        result, components = run(params, root, args)
+        with system_metrics():
+            result, components = run(params, root, args)
     except ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -62,6 +62,8 @@ def sdft_env(project: Path) -> dict[str, str]:
         "DVC_NO_ANALYTICS": "1",
         "DO_NOT_TRACK": "1",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        # MLflow system metrics every second (10 s by default), so even the tiny stages record some.
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
     }
     return env
 

@@ -87,6 +87,7 @@ def test_retrain_promotes_then_rejects_a_worse_model(promoted, monkeypatch: pyte
     assert run1.data.metrics["eval.val_loss"] == pytest.approx(metrics["candidate"]["val_loss"], rel=1e-5)
     # Training logged as it ran: its cost, and the sample grid of step 50 (train.sample_every) as an image by step.
     assert run1.data.metrics["train.flops_per_image"] > 0 and "train.images_per_s" in run1.data.metrics
+    assert "system/cpu_utilization_percentage" in run1.data.metrics  # MLflow system metrics while training
     images = [a.path for a in client.list_artifacts(run1.info.run_id, "images")]
     assert any(path.startswith("images/train_samples+step+50+") for path in images), images
     # The encode stage ran, and train read its output.

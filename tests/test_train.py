@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -522,5 +523,5 @@ def test_sample_grids_every_n_steps_and_for_the_best_weights(tmp_path: Path, tin
     best_step = json.loads((report / "summary.json").read_text())["best_step"]
     assert best_step in (2, 4)
     with Image.open(out / SAMPLES_FILE) as grid, Image.open(report / "samples" / f"step_{best_step:06d}.png") as at:
-        assert list(grid.getdata()) == list(at.getdata())
+        assert np.array_equal(np.asarray(grid), np.asarray(at))
     assert "![samples at the best step](samples.png)" in (out / "README.md").read_text()
