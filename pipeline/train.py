@@ -744,6 +744,8 @@ def train(
     sample_size = (train_split.images[0].height, train_split.images[0].width)
     samples: dict[int, Any] = {}
     live_images = LiveLog()
+    # Grids are kept beside the checkpoints too, so a resumed run still reports those drawn before it was killed.
+    sample_dir = checkpoints / "samples" if checkpoints is not None else None
 
     def sample(step: int) -> None:
         """A grid for the fixed prompts and seeds: on the main process (all of them under FSDP: a collective)."""
@@ -759,6 +761,10 @@ def train(
         if accelerator.is_main_process:
             samples[step] = grid
             live_images.image(grid, "train_samples", step)
+            if sample_dir is not None:
+                sample_dir.mkdir(parents=True, exist_ok=True)
+                grid.save(sample_dir / f".step_{step:06d}.partial.png")
+                (sample_dir / f".step_{step:06d}.partial.png").replace(sample_dir / f"step_{step:06d}.png")
 
     state, best_weights = LoopState(), {}
     if checkpoints is not None:
@@ -766,6 +772,8 @@ def train(
             checkpoints, fingerprint, trainable, optimizer, lr_scheduler, ema, generator, accelerator
         )
     resumed_from = state.step or None
+    if sample_dir is not None and accelerator.is_main_process:
+        samples.update(kept_samples(sample_dir, up_to=state.step))  # a fresh start (step 0) removes them all
     if not resumed_from:
         state.initial = state.best = validate()
         best_weights = snapshot()
@@ -862,6 +870,21 @@ def train(
             ),  # fmt: skip
         },
     )
+
+
+def kept_samples(folder: Path, up_to: int) -> dict[int, Any]:
+    """The sample grids a resumed run drew before `up_to`; later ones (and all, when starting fresh) are removed."""
+    from PIL import Image
+
+    kept = {}
+    for path in sorted(folder.glob("step_*.png")) if folder.is_dir() else []:
+        step = int(path.stem.removeprefix("step_"))
+        if step <= up_to:
+            with Image.open(path) as image:
+                kept[step] = image.convert("RGB")
+        else:
+            path.unlink()
+    return kept
 
 
 def run_cost(

@@ -525,3 +525,19 @@ def test_sample_grids_every_n_steps_and_for_the_best_weights(tmp_path: Path, tin
     with Image.open(out / SAMPLES_FILE) as grid, Image.open(report / "samples" / f"step_{best_step:06d}.png") as at:
         assert np.array_equal(np.asarray(grid), np.asarray(at))
     assert "![samples at the best step](samples.png)" in (out / "README.md").read_text()
+
+
+def test_a_resumed_run_keeps_the_sample_grids_drawn_before(tmp_path: Path, tiny_model: Path, splits) -> None:
+    params = tp(max_steps=4, sample_every=2, sample_steps=2, checkpoint_every=2, sample_prompts=["a red circle"])
+    ckpts = tmp_path / "ckpts"
+    first = train(load_components(str(tiny_model)), *splits, params, checkpoints=ckpts, fingerprint="run-a")
+    assert sorted(first.samples) == [2, 4]
+    assert sorted(p.name for p in (ckpts / "samples").iterdir()) == ["step_000002.png", "step_000004.png"]
+    # The same run again resumes at its last checkpoint (step 4) and reports the grids it drew before.
+    again = train(load_components(str(tiny_model)), *splits, params, checkpoints=ckpts, fingerprint="run-a")
+    assert again.resumed_from_step == 4 and sorted(again.samples) == [2, 4]
+    assert np.array_equal(np.asarray(again.samples[2]), np.asarray(first.samples[2]))
+    # Another run starts fresh: the old grids are not its own.
+    other = tp(max_steps=1, sample_every=0, checkpoint_every=1)
+    fresh = train(load_components(str(tiny_model)), *splits, other, checkpoints=ckpts, fingerprint="run-b")
+    assert fresh.samples == {} and not list((ckpts / "samples").iterdir())
