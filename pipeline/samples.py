@@ -48,11 +48,15 @@ def sampling_pipeline(components: Components, unet: Any, noise_scheduler: Any) -
     return pipe
 
 
-def labelled_row(images: list[Image.Image], labels: list[str], width: int = 26) -> Image.Image:
-    """Images side by side, each with its (wrapped) label underneath."""
+MIN_CELL = 128  # pixels per column, so a caption stays readable under small (e.g. 64 px) images
+CHAR_WIDTH = 6  # PIL's default bitmap font
+
+
+def labelled_row(images: list[Image.Image], labels: list[str]) -> Image.Image:
+    """Images side by side, each with its label wrapped to the column's width underneath."""
     w, h = max(i.width for i in images), max(i.height for i in images)
-    cell = max(w, 96)
-    lines = [textwrap.wrap(label, width)[:4] for label in labels]
+    cell = max(w, MIN_CELL)
+    lines = [textwrap.wrap(label, cell // CHAR_WIDTH - 1)[:5] for label in labels]
     text_h = 12 * max((len(x) for x in lines), default=1) + 6
     grid = Image.new("RGB", (cell * len(images), h + text_h), "white")
     draw = ImageDraw.Draw(grid)

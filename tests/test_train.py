@@ -505,6 +505,7 @@ def test_cost_counts_flops_per_image_and_mfu_against_a_given_peak(
 def test_sample_grids_every_n_steps_and_for_the_best_weights(tmp_path: Path, tiny_model: Path, prepared: Path) -> None:
     from PIL import Image
 
+    from pipeline.samples import MIN_CELL
     from pipeline.train import SAMPLES_FILE
 
     params = write_params(
@@ -517,7 +518,7 @@ def test_sample_grids_every_n_steps_and_for_the_best_weights(tmp_path: Path, tin
     grids = sorted(p.name for p in (report / "samples").iterdir())
     assert grids == ["best.png", "step_000002.png", "step_000004.png"]
     with Image.open(out / SAMPLES_FILE) as grid, Image.open(report / "samples" / "step_000002.png") as early:
-        assert grid.width == early.width == 2 * 96  # one cell per prompt
+        assert grid.width == early.width == 2 * MIN_CELL  # one column per prompt
         assert grid.height > 64  # the image, then its caption
     # Fixed prompts and seeds: the best weights' grid is the grid drawn at the best step.
     best_step = json.loads((report / "summary.json").read_text())["best_step"]
