@@ -21,16 +21,8 @@ import torch
 from pipeline import candidate, evaluate
 from pipeline.diffusion import encode_conditioning, encode_images, fixed_validation_loss, read_split
 from pipeline.train import TrainResult
-from tests.test_evaluate import RESOLUTION, TRAIN, VALIDATION, _write_split, write_params
+from tests.test_evaluate import RESOLUTION, TRAIN, VALIDATION, _write_split, one_thread, write_params  # noqa: F401
 from tests.train_outputs import VAL_SEED, VAL_TIMESTEPS, train_output
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

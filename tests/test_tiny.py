@@ -83,3 +83,27 @@ def test_sdxl_full_text_encoders_train_per_step(tmp_path: Path, sdxl: Path, spli
     assert set(result.models) == {"unet", "text_encoder", "text_encoder_2"}
     per_model = result.parameters["per_model"]
     assert per_model["text_encoder_2"]["trainable"] > 0 and per_model["vae"]["trainable"] == 0
+
+
+def test_sdxl_text_encoder_lora_on_both_encoders_loads_back(tmp_path: Path, sdxl: Path, splits) -> None:  # noqa: F811
+    from diffusers import StableDiffusionXLPipeline
+
+    from pipeline.diffusion import load_lora
+
+    # With FFN and conv LoRA the random tiny SDXL's validation loss improves within a few steps (attention alone does
+    # not), so the best weights, which the stage saves, are trained ones.
+    params = tp(max_steps=3, train_text_encoder=True, lora_alpha=8, lora_targets="attention+ffn+conv")
+    result = train(load_components(str(sdxl)), *splits, params)
+    assert set(result.models) == {"unet", "text_encoder", "text_encoder_2"} and result.best_step > 0
+    save_adapter(result, tmp_path / "adapter")
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(sdxl))
+    ids = pipe.tokenizer_2(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        base = pipe.text_encoder_2(ids, output_hidden_states=True).hidden_states[-2]
+    load_lora(pipe, tmp_path / "adapter")
+    with torch.no_grad():
+        for name in ("text_encoder", "text_encoder_2"):
+            loaded = getattr(pipe, name)(ids, output_hidden_states=True).hidden_states[-2]
+            trained = result.models[name](ids, output_hidden_states=True).hidden_states[-2]
+            torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(loaded, base, atol=1e-5)  # text_encoder_2's LoRA changed it, and loaded with it
