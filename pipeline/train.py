@@ -570,16 +570,16 @@ def accumulate_gradients(
         if "flip" in rows:  # data.random_flip: half the images mirrored
             mirrored = data.flipped[bucket][pos]
             latents = torch.where(rows["flip"].to(latents.device).view(-1, 1, 1, 1), mirrored, latents)
-        noise = rows["noise"].to(latents.device)
+        noise = rows["noise"].to(latents.device, non_blocking=True)
         if params.noise_offset:
             # Offset noise (Guttenberg 2023): a per-channel constant lets the model shift overall brightness.
-            noise = noise + params.noise_offset * rows["offset"].to(latents.device)
-        t = rows["t"].to(latents.device)
+            noise = noise + params.noise_offset * rows["offset"].to(latents.device, non_blocking=True)
+        t = rows["t"].to(latents.device, non_blocking=True)
         # Input perturbation (Ning et al. 2023): the input is noised with slightly perturbed noise while the target
         # keeps the clean noise, mimicking the prediction errors the model meets at sampling time.
         input_noise = noise
         if params.input_perturbation:
-            input_noise = noise + params.input_perturbation * rows["perturbation"].to(latents.device)
+            input_noise = noise + params.input_perturbation * rows["perturbation"].to(latents.device, non_blocking=True)
         noisy = scheduler.add_noise(latents, input_noise, t)
         target = diffusion_target(scheduler, latents, noise, t)  # noise (epsilon) or velocity (v-prediction)
         if params.channels_last:
@@ -790,6 +790,8 @@ def train(
         if state.stop_reason:
             break
         draw = draw_step(state, data, params, rows_per_step, generator, scheduler.config.num_train_timesteps)
+        if accelerator.device.type == "cuda":  # page-locked, so the copies to the GPU overlap the step (non_blocking)
+            draw = {k: v.pin_memory() for k, v in draw.items()}
         step_loss = accumulate_gradients(step_components, data, scheduler, draw, params, accelerator, loss_scale)
         clip_gradients(accelerator, trainable, params.max_grad_norm)
         optimizer.step()
