@@ -230,3 +230,21 @@ def test_lora_trained_on_aspect_ratio_buckets(tmp_path: Path, tiny_model: Path) 
     assert code == 0
     assert_reproduces_training(samples, result)
     assert len(samples["candidate"]["val_loss"]) == 5
+
+
+def test_another_sampler_changes_the_images_not_the_validation_loss(
+    tmp_path: Path, tiny_model: Path, prepared: Path, v_lora
+) -> None:  # noqa: ANN001, E501
+    out, _ = v_lora
+    runs = {}
+    for name in ("default", "dpm++"):
+        (tmp_path / name).mkdir()
+        params = write_params(
+            tmp_path / name, tiny_model, {"val_timesteps": VAL_TIMESTEPS, "seed": VAL_SEED, "scheduler": name}
+        )
+        args = ["--params", str(params), "--prepared", str(prepared), "--adapter", str(out)]
+        assert evaluate.main([*args, "--out", str(tmp_path / name / "eval")]) == 0
+        runs[name] = json.loads((tmp_path / name / "eval" / "samples.json").read_text())
+    for model in ("base", "candidate"):  # a sampler plays no part in the fixed-noise loss
+        assert runs["dpm++"][model]["val_loss"] == pytest.approx(runs["default"][model]["val_loss"], rel=1e-6)
+    assert runs["dpm++"]["candidate"]["clip_score"] != runs["default"]["candidate"]["clip_score"]
