@@ -502,6 +502,13 @@ def sampler(name: str, current: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.tracking import system_metrics
+
+    with system_metrics():  # MLflow's CPU/GPU/memory series of the flow's run, while evaluating
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--prepared", required=True, type=Path)
