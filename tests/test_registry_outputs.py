@@ -128,3 +128,34 @@ def test_v_prediction_lora_is_served_with_its_prediction_type(
 def test_which_outputs_need_the_pyfunc_model(method: str, prediction_type: str | None, pyfunc: bool) -> None:
     output = candidate.TrainOutput(Path("x"), method, "sd", prediction_type, ("unet",))
     assert bool(registry.needs_pyfunc(output, "epsilon")) == pyfunc
+
+
+def test_text_encoder_lora_needs_the_pyfunc_model_only_where_transformers_refuses_this_peft() -> None:
+    from pipeline.diffusion import stock_text_encoder_lora
+
+    output = candidate.TrainOutput(Path("x"), "lora", "sd", "epsilon", ("text_encoder", "unet"))
+    assert bool(registry.needs_pyfunc(output, "epsilon")) == (not stock_text_encoder_lora())
+
+
+@pytest.mark.slow  # a server start, training, a pipeline load
+def test_text_encoder_lora_is_served_with_its_text_encoder(
+    name: str, tmp_path: Path, tiny_model: Path, prepared: Path
+) -> None:
+    import torch
+
+    out = tmp_path / "te-lora"
+    result = train_output(tiny_model, prepared, out, train_text_encoder=True, text_encoder_lr=1e-2)
+    assert result.best_step > 0
+    assert register(name, out, tiny_model) == "1"
+    model, images = generate(f"models:/{name}@champion", ["a red circle"])
+    assert len(images) == 1
+    from pipeline.diffusion import stock_text_encoder_lora
+
+    if stock_text_encoder_lora():  # logged with mlflow.diffusers, whose load_lora_weights loads the text encoder too
+        return
+    # This stack (transformers 5, peft 0.21): the pyfunc model, whose text encoder carries the trained LoRA.
+    pipe = model.unwrap_python_model().pipe
+    ids = pipe.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        served, trained = pipe.text_encoder(ids)[0], result.models["text_encoder"](ids)[0]
+    torch.testing.assert_close(served, trained, atol=1e-4, rtol=1e-3)
