@@ -732,7 +732,10 @@ def train(
             for model in (unet, *text_models):
                 model.train()
             loss = loss.mean()
-            if accelerator.is_fsdp2:  # all take the same best-weights decision: their snapshot is a collective
+            if accelerator.num_processes > 1:
+                # The main process's number decides for all: GPU kernels need not give every process the same bits,
+                # and processes that disagreed on early stopping would wait for each other forever (DDP), or on a
+                # best-weights snapshot, which is a collective under FSDP.
                 loss = broadcast(loss.reshape(1).to(accelerator.device))
             return float(loss)
 
