@@ -83,12 +83,17 @@ class Split:
     hashes: list[str]
 
 
-def read_split(folder: Path) -> Split:
-    """Read `<folder>/metadata.jsonl` and its images, as written by the `prepare` stage."""
+def read_rows(folder: Path) -> list[dict[str, Any]]:
+    """The rows of `<folder>/metadata.jsonl`, as written by the `prepare` stage (file_name, text, sha256, ...)."""
     metadata = folder / "metadata.jsonl"
     if not metadata.is_file():
         raise FileNotFoundError(f"{metadata} is missing: run the prepare stage first (`dvc repro prepare`).")
-    rows = [json.loads(line) for line in metadata.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in metadata.read_text().splitlines() if line.strip()]
+
+
+def read_split(folder: Path) -> Split:
+    """Read `<folder>/metadata.jsonl` and its images, as written by the `prepare` stage."""
+    rows = read_rows(folder)
     images = []
     for row in rows:
         with Image.open(folder / row["file_name"]) as image:

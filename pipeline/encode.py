@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 import time
 from collections import Counter
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 
 from pipeline import encoded, env
 from pipeline.config import ParamsError, load_params, resolve_model
-from pipeline.diffusion import Components, encode_conditioning, encode_image_list, load_components
+from pipeline.diffusion import Components, encode_conditioning, encode_image_list, load_components, read_rows
 
 SPLITS = ("train", "validation")
 
@@ -65,18 +64,11 @@ class WorkCache:
         tmp.replace(path)
 
 
-def _read_rows(folder: Path) -> list[dict]:
-    metadata = folder / "metadata.jsonl"
-    if not metadata.is_file():
-        raise FileNotFoundError(f"{metadata} is missing: run the prepare stage first (`dvc repro prepare`).")
-    return [json.loads(line) for line in metadata.read_text().splitlines() if line.strip()]
-
-
 def encode_split(
     components: Components, folder: Path, random_flip: bool, cache: WorkCache, batch_size: int = 16
 ) -> encoded.EncodedSplit:
     """Latents (and mirrored latents) of every image and the text conditioning of every caption, row-aligned."""
-    rows = _read_rows(folder)
+    rows = read_rows(folder)
     keys = [hashlib.sha256((folder / r["file_name"]).read_bytes()).hexdigest() for r in rows]
     latents: list[torch.Tensor | None] = [None] * len(rows)
     flipped: list[torch.Tensor | None] = [None] * len(rows)

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.diffusion import read_rows
+
 INDEX_FILE = "index.json"
 FORMAT_VERSION = 1
 
@@ -47,11 +49,9 @@ def model_fingerprint(components: Any) -> str:
 
 def split_digest(folder: Path) -> str:
     """Hash of a prepared split as training reads it: its metadata.jsonl and every image's bytes, in row order."""
-    metadata = folder / "metadata.jsonl"
-    digest = hashlib.sha256(metadata.read_bytes())
-    for line in metadata.read_text().splitlines():
-        if line.strip():
-            digest.update((folder / json.loads(line)["file_name"]).read_bytes())
+    digest = hashlib.sha256((folder / "metadata.jsonl").read_bytes())
+    for row in read_rows(folder):
+        digest.update((folder / row["file_name"]).read_bytes())
     return digest.hexdigest()
 
 

@@ -58,6 +58,7 @@ from pipeline.diffusion import (
     encode_conditioning,
     encode_image_list,
     fixed_validation_loss,
+    read_rows,
     read_split,
     stack_if_one_size,
 )
@@ -164,11 +165,9 @@ def build_reference(pipe: Any, eval_set: EvalSet, extractors: Extractors, train_
 
 def split_files(folder: Path) -> list[str]:
     """Image paths of a prepared split, in `metadata.jsonl` order (the order `read_split` loads them in)."""
-    metadata = folder / "metadata.jsonl"
-    if not metadata.is_file():
+    if not (folder / "metadata.jsonl").is_file():
         return []
-    rows = [json.loads(line) for line in metadata.read_text().splitlines() if line.strip()]
-    return [str(folder / row["file_name"]) for row in rows]
+    return [str(folder / row["file_name"]) for row in read_rows(folder)]
 
 
 def skipped_metrics(eval_set: EvalSet) -> dict[str, str]:

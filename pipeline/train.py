@@ -743,10 +743,9 @@ def train(
         source = ema.shadow if ema else trainable
         return {n: full_tensor(p.detach()).to("cpu", copy=True) for n, p in source.items()}
 
-    sample_prompts = params.sample_prompts or list(val_split.captions[:4])
-    sample_size = (train_split.images[0].height, train_split.images[0].width)
+    sample_prompts, sample_size = sample_settings(params, train_split, val_split)
     samples: dict[int, Any] = {}
-    live_images = LiveLog()
+    live = LiveLog()  # metrics and sample grids to the flow's MLflow run, if any
     # Grids are kept beside the checkpoints too, so a resumed run still reports those drawn before it was killed.
     sample_dir = checkpoints / "samples" if checkpoints is not None else None
 
@@ -763,7 +762,7 @@ def train(
             reshard(unet)
         if accelerator.is_main_process:
             samples[step] = grid
-            live_images.image(grid, "train_samples", step)
+            live.image(grid, "train_samples", step)
             if sample_dir is not None:
                 sample_dir.mkdir(parents=True, exist_ok=True)
                 grid.save(sample_dir / f".step_{step:06d}.partial.png")
@@ -781,7 +780,6 @@ def train(
         state.initial = state.best = validate()
         best_weights = snapshot()
         state.history.append({"step": 0, "val_loss": state.initial})
-    live = LiveLog()
     losses = torch.zeros(params.log_every, device=accelerator.device)  # per-step losses since the last host sync
     pending: list[dict[str, float]] = []
     start = time.perf_counter() - state.seconds
@@ -875,6 +873,13 @@ def train(
             ),  # fmt: skip
         },
     )
+
+
+def sample_settings(params: TrainParams, train_split: Split, val_split: Split) -> tuple[list[str], tuple[int, int]]:
+    """Prompts of the sample grids (train.sample_prompts, or the first 4 held-out captions) and their (height, width):
+    the first training image's."""
+    prompts = params.sample_prompts or list(val_split.captions[:4])
+    return prompts, (train_split.images[0].height, train_split.images[0].width)
 
 
 def kept_samples(folder: Path, up_to: int) -> dict[int, Any]:
@@ -1193,7 +1198,7 @@ def data_identity(*splits: Split | None) -> list[list[tuple[str, str]]]:
     return [sorted(zip(s.hashes, s.captions, strict=True)) if s else [] for s in splits]
 
 
-def run(params: Params, root: Path, args: argparse.Namespace) -> tuple[TrainResult, Components]:
+def run(params: Params, root: Path, args: argparse.Namespace) -> tuple[TrainResult, Components, tuple[Split, Split]]:
     model = resolve_model(params, root)
     components = load_components(model, params.base.revision)
     train_split, val_split = read_split(args.prepared / "train"), read_split(args.prepared / "validation")
@@ -1226,15 +1231,16 @@ def run(params: Params, root: Path, args: argparse.Namespace) -> tuple[TrainResu
         random_flip=params.data.random_flip,
         precomputed=precomputed,
     )
-    return result, components
+    return result, components, (train_split, val_split)
 
 
-def best_samples(result: TrainResult, components: Components, params: TrainParams, prepared: Path) -> Any:
+def best_samples(
+    result: TrainResult, components: Components, params: TrainParams, train_split: Split, val_split: Split
+) -> Any:
     """The sample grid of the weights the stage outputs (the best), for the model card; None without prompts."""
     from diffusers import DDPMScheduler
 
-    val_split = read_split(prepared / "validation")
-    prompts = params.sample_prompts or list(val_split.captions[:4])
+    prompts, size = sample_settings(params, train_split, val_split)
     if not prompts:
         return None
     models = {"vae": components.vae} | {k: v for k, v in result.models.items()}
@@ -1242,7 +1248,6 @@ def best_samples(result: TrainResult, components: Components, params: TrainParam
         model.float()  # frozen weights may have trained in bf16/fp16 (frozen_precision); sampling here is fp32
     trained = dataclasses.replace(components, **models)
     scheduler = DDPMScheduler.from_config(components.noise_scheduler.config, prediction_type=result.prediction_type)
-    size = (val_split.images[0].height, val_split.images[0].width) if val_split.images else (64, 64)
     return sample_grid(
         trained, trained.unet, scheduler, prompts, params.seed, size, params.sample_steps, params.sample_guidance_scale
     )
@@ -1293,7 +1298,7 @@ def main(argv: list[str] | None = None) -> int:
         if params.train.compile:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / ".sdft" / "compile-cache"))
         with system_metrics():
-            result, components = run(params, root, args)
+            result, components, splits = run(params, root, args)
     except ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -1308,7 +1313,7 @@ def main(argv: list[str] | None = None) -> int:
     if params.train.export_kohya:
         export_kohya(args.out, args.out / KOHYA_FILE, params.base.model, result.data_hash)
     write_reports(result, args.report)
-    grid = best_samples(result, components, params.train, args.prepared)
+    grid = best_samples(result, components, params.train, *splits)
     if grid is not None:
         grid.save(args.out / SAMPLES_FILE)
         grid.save(args.report / "samples" / "best.png")

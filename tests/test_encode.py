@@ -68,6 +68,16 @@ def tp(**overrides: Any) -> TrainParams:
     return TrainParams(**(base | overrides))
 
 
+def assert_trains_the_same(tiny_model: Path, prepared: Path, enc: dict) -> None:
+    """Training from the precomputed inputs `enc` gives the adapter that in-memory encoding gives."""
+    plain = train(load_components(str(tiny_model)), *splits_of(prepared), tp()).lora_state
+    pre = train(
+        load_components(str(tiny_model)), *splits_of(prepared), tp(), precomputed=(enc["train"], enc["validation"])
+    ).lora_state
+    for key in plain:
+        torch.testing.assert_close(pre[key], plain[key], atol=1e-4, rtol=1e-3)
+
+
 def write_params(folder: Path, model: Path, prepared: Path, **data: Any) -> Path:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["base"]["model"] = str(model)
@@ -93,13 +103,7 @@ def test_precomputed_inputs_equal_in_memory_encoding(tiny_model: Path, square: P
         torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(fresh.cond["emb"], cached.cond["emb"], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(fresh.val_latents, cached.val_latents, atol=1e-5, rtol=1e-4)
-    # Trained from either, the adapter is the same.
-    plain = train(load_components(str(tiny_model)), *splits_of(square), tp()).lora_state
-    pre = train(
-        load_components(str(tiny_model)), *splits_of(square), tp(), precomputed=(enc["train"], enc["validation"])
-    ).lora_state
-    for key in plain:
-        torch.testing.assert_close(pre[key], plain[key], atol=1e-4, rtol=1e-3)
+    assert_trains_the_same(tiny_model, square, enc)  # trained from either, the adapter is the same
 
 
 def test_work_cache_encodes_only_new_images(tmp_path: Path, tiny_model: Path, square: Path) -> None:
@@ -200,12 +204,7 @@ def test_training_batches_by_bucket(tiny_model: Path, buckets: Path) -> None:
 def test_buckets_train_from_precomputed_inputs_too(tiny_model: Path, buckets: Path) -> None:
     components = load_components(str(tiny_model))
     enc = encode_splits(components, buckets, random_flip=False, cache=WorkCache(None, "x"))
-    plain = train(load_components(str(tiny_model)), *splits_of(buckets), tp()).lora_state
-    pre = train(
-        load_components(str(tiny_model)), *splits_of(buckets), tp(), precomputed=(enc["train"], enc["validation"])
-    ).lora_state
-    for key in plain:
-        torch.testing.assert_close(pre[key], plain[key], atol=1e-4, rtol=1e-3)
+    assert_trains_the_same(tiny_model, buckets, enc)
 
 
 def test_sdxl_trains_on_buckets_with_per_image_size_ids(tmp_path: Path, buckets: Path) -> None:

@@ -18,7 +18,8 @@ from PIL import Image
 
 from pipeline import candidate, evaluate, lineage, registry
 from tests.mlflow_server import MlflowServer, client_env
-from tests.test_evaluate import TRAIN, VALIDATION, _write_split, write_params
+from tests.test_evaluate import write_params
+from tests.test_evaluate_outputs import prepared  # noqa: F401  (fixture: the same small prepared set)
 from tests.train_outputs import VAL_SEED, VAL_TIMESTEPS, train_output
 
 
@@ -37,14 +38,6 @@ def name(server: MlflowServer, monkeypatch: pytest.MonkeyPatch, request: pytest.
     return re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:60]
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("registry-prepared")
-    _write_split(root / "validation", VALIDATION, seed=1)
-    _write_split(root / "train", TRAIN, seed=2)
-    return root
-
-
 def register(name: str, output: Path, base: Path) -> str:
     run_id = registry.start_run("test", {}, {})
     return registry.register(run_id, output, str(base), name, None, "gate", {"sdft.decision": "promote"})
@@ -61,7 +54,10 @@ def generate(uri: str, prompts: list[str]) -> tuple[object, list[Image.Image]]:
 
 @pytest.mark.slow  # a server start (~30 s on 2 shared cores), training, two pipeline loads
 def test_full_fine_tune_registers_serves_and_re_evaluates(
-    name: str, tmp_path: Path, tiny_model: Path, prepared: Path
+    name: str,
+    tmp_path: Path,
+    tiny_model: Path,
+    prepared: Path,  # noqa: F811 (fixture)
 ) -> None:
     import mlflow.artifacts
     from diffusers import UNet2DConditionModel
@@ -109,7 +105,10 @@ def test_full_fine_tune_registers_serves_and_re_evaluates(
 
 @pytest.mark.slow  # a server start (~30 s on 2 shared cores), training, two pipeline loads
 def test_v_prediction_lora_is_served_with_its_prediction_type(
-    name: str, tmp_path: Path, tiny_model: Path, prepared: Path
+    name: str,
+    tmp_path: Path,
+    tiny_model: Path,
+    prepared: Path,  # noqa: F811 (fixture)
 ) -> None:
     out = tmp_path / "v-lora"
     train_output(tiny_model, prepared, out, prediction_type="v_prediction", max_steps=1)
@@ -139,7 +138,10 @@ def test_text_encoder_lora_needs_the_pyfunc_model_only_where_transformers_refuse
 
 @pytest.mark.slow  # a server start, training, a pipeline load
 def test_text_encoder_lora_is_served_with_its_text_encoder(
-    name: str, tmp_path: Path, tiny_model: Path, prepared: Path
+    name: str,
+    tmp_path: Path,
+    tiny_model: Path,
+    prepared: Path,  # noqa: F811 (fixture)
 ) -> None:
     import torch
 
