@@ -32,7 +32,7 @@ demo: install
 	$(BIN)/sdft init
 	$(BIN)/sdft run
 
-# The README's test command: unit tests, the data/train/evaluate tests and the end-to-end retrain (about 8 minutes
+# The README's test command: unit tests, the data/train/evaluate tests and the end-to-end retrain (about 9 minutes
 # on 2 cores). test-slow adds the service-level tests: real Prefect and MLflow servers, basic auth, kill-and-resume,
 # two-process DDP and FSDP, torch.compile (about 14 minutes more). CI runs both.
 test: install
