@@ -3,12 +3,14 @@
 - loading the frozen components of a base model with `from_pretrained` (hub id or local folder alike), SD 1.x/2.x
   (one text encoder) or SDXL (two, plus pooled-text and size/crop conditioning);
 - reading a prepared split and encoding it once (VAE latents, text embeddings);
-- the fixed-noise validation loss, so a curve is comparable across steps, runs and models.
+- the fixed-noise validation loss, so a curve is comparable across steps, runs and models;
+- where models run (`compute_device`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,22 @@ class Components:
     @property
     def text_encoders(self) -> list[Any]:
         return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
+
+    def to(self, device: torch.device | str) -> Components:
+        """Move the models (text encoders, VAE, UNet) to `device`; the tokenizers and noise scheduler stay put."""
+        for module in (*self.text_encoders, self.vae, self.unet):
+            module.to(device)
+        return self
+
+
+def compute_device() -> torch.device:
+    """Where the encode, evaluate and class-image steps run their models: `SDFT_DEVICE` when set (cpu, cuda, cuda:1,
+    mps), else the first GPU, else the CPU. Training runs on accelerate's device (one per process) instead."""
+    name = os.environ.get("SDFT_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"SDFT_DEVICE={name!r} is not a torch device: use cpu, cuda, cuda:<index> or mps") from exc
 
 
 def is_sdxl_model(model: str, revision: str | None = None) -> bool:
@@ -185,11 +203,11 @@ def text_conditioning(components: Components, tokens: dict[str, torch.Tensor]) -
     """
     encoder = components.text_encoder
     device = next(encoder.parameters()).device  # also through a DDP wrapper
-    ids = tokens["ids"].to(device)
+    ids = tokens["ids"].to(device, non_blocking=True)
     if not components.is_sdxl:
         return {"emb": encoder(ids)[0]}
     first = encoder(ids, output_hidden_states=True)
-    second = components.text_encoder_2(tokens["ids_2"].to(device), output_hidden_states=True)
+    second = components.text_encoder_2(tokens["ids_2"].to(device, non_blocking=True), output_hidden_states=True)
     emb = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
     return {"emb": emb, "pooled": second.text_embeds}
 
@@ -281,19 +299,21 @@ def fixed_validation_loss(
     timesteps = ((torch.arange(n_timesteps) + 0.5) * n_train / n_timesteps).long()
     generator = torch.Generator("cpu").manual_seed(seed)
     noise = torch.randn((n_timesteps, *latents.shape), generator=generator)
+    # Everything on the UNet's device (the latents and conditioning may be anywhere: cached on the GPU, or read from
+    # the encode stage's files); the noising and the target in fp32, the UNet's input in its dtype.
     device, dtype = unet.device, unet.dtype
     losses = torch.zeros(len(latents))
     for k, t_value in enumerate(timesteps):
         for start in range(0, len(latents), batch_size):
-            x0 = latents[start : start + batch_size]
-            eps = noise[k, start : start + batch_size]
-            t = torch.full((len(x0),), int(t_value), dtype=torch.long)
+            x0 = latents[start : start + batch_size].to(device, torch.float32)
+            eps = noise[k, start : start + batch_size].to(device)
+            t = torch.full((len(x0),), int(t_value), dtype=torch.long, device=device)
             noisy = noise_scheduler.add_noise(x0, eps, t)
             target = diffusion_target(noise_scheduler, x0, eps, t)
             batch_cond = {k: v[start : start + batch_size].to(device, dtype) for k, v in cond.items()}
-            pred = predict(unet, noisy.to(device, dtype), t.to(device), batch_cond)
-            per_sample = F.mse_loss(pred.float().cpu(), target, reduction="none").mean(dim=(1, 2, 3))
-            losses[start : start + batch_size] += per_sample / n_timesteps
+            pred = predict(unet, noisy.to(dtype), t, batch_cond)
+            per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
+            losses[start : start + batch_size] += per_sample.cpu() / n_timesteps
     return losses
 
 

@@ -30,7 +30,14 @@ from tqdm.auto import tqdm
 
 from pipeline import encoded, env
 from pipeline.config import ParamsError, load_params, resolve_model
-from pipeline.diffusion import Components, encode_conditioning, encode_image_list, load_components, read_rows
+from pipeline.diffusion import (
+    Components,
+    compute_device,
+    encode_conditioning,
+    encode_image_list,
+    load_components,
+    read_rows,
+)
 
 SPLITS = ("train", "validation")
 
@@ -86,9 +93,10 @@ def encode_split(
         for i in chunk:
             with Image.open(folder / rows[i]["file_name"]) as image:
                 images.append(image.convert("RGB"))
-        new = encode_image_list(components.vae, images, batch_size)
+        new = [x.cpu() for x in encode_image_list(components.vae, images, batch_size)]
         # Mirrored images are encoded too (not the latents flipped: the VAE is not exactly flip-equivariant).
-        mirrored = encode_image_list(components.vae, [ImageOps.mirror(i) for i in images]) if random_flip else None
+        mirrors = [ImageOps.mirror(i) for i in images] if random_flip else []
+        mirrored = [x.cpu() for x in encode_image_list(components.vae, mirrors, batch_size)] if random_flip else None
         for j, i in enumerate(chunk):
             latents[i] = new[j]
             entry = {"latents": new[j]}
@@ -110,7 +118,7 @@ def encode_split(
             else:
                 missing[key] = row["text"]
     if missing:
-        fresh = encode_conditioning(components, list(missing.values()), resolution=8)
+        fresh = {k: v.cpu() for k, v in encode_conditioning(components, list(missing.values()), resolution=8).items()}
         for j, key in enumerate(missing):
             by_key[key] = {k: v[j] for k, v in fresh.items() if k != "time_ids"}
             cache.put("text", key, by_key[key])
@@ -152,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     model = resolve_model(params, Path(args.params).resolve().parent)
     components = load_components(model, params.base.revision)
     fingerprint = encoded.model_fingerprint(components)
+    components.to(compute_device())
     cache = WorkCache(args.cache, fingerprint)
     splits = encode_splits(components, args.prepared, params.data.random_flip, cache)
     seconds = time.perf_counter() - started

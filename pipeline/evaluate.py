@@ -55,6 +55,7 @@ from pipeline.config import EvaluateParams, ParamsError, load_params, resolve_mo
 from pipeline.diffusion import (
     Components,
     Split,
+    compute_device,
     encode_conditioning,
     encode_image_list,
     fixed_validation_loss,
@@ -127,10 +128,14 @@ class Extractors:
         return f"{' and '.join(self.plumbing_only)}: {PLUMBING_ONLY}"
 
 
-def build_extractors(params: EvaluateParams, tokenizer: Any) -> Extractors:
-    """The extractors `evaluate.clip_model` and `evaluate.image_features` name (MissingWeightsError when absent)."""
+def build_extractors(params: EvaluateParams, tokenizer: Any, device: torch.device | None = None) -> Extractors:
+    """The extractors `evaluate.clip_model` and `evaluate.image_features` name (MissingWeightsError when absent), on
+    `device` (default: the CPU)."""
     clip, clip_tiny = build_clip(params.clip_model, tokenizer, seed=params.seed)
     image_features, features_tiny = build_image_features(params.image_features, seed=params.seed)
+    if device is not None:
+        clip[0].to(device)
+        image_features.to(device)
     tiny = [key for key, is_tiny in (("clip_model", clip_tiny), ("image_features", features_tiny)) if is_tiny]
     return Extractors(clip, image_features, [f"evaluate.{key}=tiny" for key in tiny])
 
@@ -555,7 +560,8 @@ def _main(argv: list[str] | None) -> int:
         return 2
 
     model = args.base_model or resolve_model(params, Path(args.params).resolve().parent)
-    pipe = candidate.load_base(model, params.base.revision)
+    device = compute_device()
+    pipe = candidate.load_base(model, params.base.revision).to(device)
     if params.evaluate.scheduler != "default":
         pipe.scheduler = sampler(params.evaluate.scheduler, pipe.scheduler)
     try:
@@ -568,7 +574,7 @@ def _main(argv: list[str] | None) -> int:
         "prediction_type": pipe.scheduler.config.prediction_type,
     }
     try:
-        extractors = build_extractors(params.evaluate, pipe.tokenizer)
+        extractors = build_extractors(params.evaluate, pipe.tokenizer, device)
     except (MissingWeightsError, ModuleNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -302,10 +302,16 @@ def build_image_features(spec: str, seed: int = 0) -> tuple[nn.Module, bool]:
     return load_hf_image_features(spec), False
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module's weights are (the CPU for one without any)."""
+    return next(module.parameters(), torch.empty(0)).device
+
+
 @torch.no_grad()
 def extract(extractor: nn.Module, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-    """Features (N, D) of uint8 images (N, 3, H, W), in batches, as float64 on the CPU."""
-    out = [extractor(images[i : i + batch_size]).double().cpu() for i in range(0, len(images), batch_size)]
+    """Features (N, D) of uint8 images (N, 3, H, W), in batches on the extractor's device, as float64 on the CPU."""
+    device = module_device(extractor)
+    out = [extractor(images[i : i + batch_size].to(device)).double().cpu() for i in range(0, len(images), batch_size)]
     return torch.cat(out)
 
 

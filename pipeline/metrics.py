@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pipeline import stats
-from pipeline.features import Precomputed
+from pipeline.features import Precomputed, module_device
 
 # --------------------------------------------------------------------------------------------------------------------
 # Text-image agreement (CLIP)
@@ -29,7 +29,7 @@ def image_embeddings(clip: Any, processor: Any, images: torch.Tensor, batch_size
     for start in range(0, len(images), batch_size):
         batch = [image.cpu() for image in images[start : start + batch_size]]
         pixels = processor(images=batch, return_tensors="pt")["pixel_values"]
-        out.append(clip.get_image_features(pixel_values=pixels).float())
+        out.append(clip.get_image_features(pixel_values=pixels.to(module_device(clip))).float().cpu())
     emb = torch.cat(out)
     return emb / emb.norm(dim=-1, keepdim=True)
 
@@ -42,7 +42,9 @@ def text_embeddings(clip: Any, processor: Any, texts: list[str], batch_size: int
         tokens = processor(
             text=texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=77
         )
-        out.append(clip.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]))
+        device = module_device(clip)
+        ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+        out.append(clip.get_text_features(input_ids=ids, attention_mask=mask).cpu())
     emb = torch.cat(out).float()
     return emb / emb.norm(dim=-1, keepdim=True)
 

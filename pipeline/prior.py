@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image
 
 from pipeline.config import ParamsError, PriorPreservationParams
-from pipeline.diffusion import Split
+from pipeline.diffusion import Split, compute_device
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
@@ -76,7 +76,7 @@ def generate(
     from diffusers import AutoPipelineForText2Image
 
     print(f"class images: generating {params.num_class_images} of {params.class_prompt!r} into {folder}")
-    pipe = AutoPipelineForText2Image.from_pretrained(model, revision=revision)
+    pipe = AutoPipelineForText2Image.from_pretrained(model, revision=revision).to(compute_device())
     pipe.set_progress_bar_config(disable=True)
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

@@ -388,7 +388,8 @@ def encode_data(
         groups = [list(range(len(rows)))]  # one size: the class rows ride in the same group, at their global rows
 
     def grouped(per_row: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [torch.stack([per_row[r] for r in g]).to(device) for g in groups]
+        # Rows read from the encode stage's files are on the CPU, rows encoded here (class images) on the device.
+        return [torch.stack([per_row[r].to(device) for r in g]) for g in groups]
 
     sdxl_ids = sizes_conditioning(sizes) if components.is_sdxl else None
     val_ids = sizes_conditioning(val_sizes) if components.is_sdxl else None
@@ -399,7 +400,7 @@ def encode_data(
             cond, val_cond = dict(train_enc.cond or {}), dict(val_enc.cond or {})
             if class_captions:
                 extra = encode_conditioning(components, class_captions, 8)
-                cond = {k: torch.cat([v, extra[k]]) for k, v in cond.items()}
+                cond = {k: torch.cat([v.to(device), extra[k].to(device)]) for k, v in cond.items()}
         else:
             cond = encode_conditioning(components, captions, sizes)
             val_cond = encode_conditioning(components, list(val_split.captions), val_sizes)
@@ -505,12 +506,16 @@ def draw_step(
     return draw
 
 
-def apply_speed_settings(unet: Any, text_models: list[Any], params: TrainParams) -> None:
+def apply_speed_settings(unet: Any, text_models: list[Any], params: TrainParams, device: torch.device) -> None:
     if params.gradient_checkpointing:  # recompute activations in backward instead of keeping them
         unet.enable_gradient_checkpointing()
         for model in text_models:
             model.gradient_checkpointing_enable()
-    if params.channels_last:
+    if params.channels_last and device.type == "cpu" and params.method == "full" and params.train_blocks:
+        # torch 2.13's CPU GroupNorm backward crashes the process (SIGSEGV) on a channels-last input that needs no
+        # gradient while the norm's weights do: the first trained block behind frozen ones. It is a GPU layout anyway.
+        print("note: train.channels_last is skipped on the CPU when train.train_blocks freezes the blocks before")
+    elif params.channels_last:
         unet.to(memory_format=torch.channels_last)
 
 
@@ -533,10 +538,10 @@ def batch_conditioning(
     """
     idx, drop = rows["idx"], rows.get("drop")
     if data.cond is not None:
-        cond = {k: v[idx.to(v.device)] for k, v in data.cond.items() if k != "time_ids"}
+        cond = {k: v[idx.to(v.device, non_blocking=True)] for k, v in data.cond.items() if k != "time_ids"}
         if drop is not None:
             for k, v in cond.items():
-                mask = drop.to(v.device).view(-1, *[1] * (v.dim() - 1))
+                mask = drop.to(v.device, non_blocking=True).view(-1, *[1] * (v.dim() - 1))
                 cond[k] = torch.where(mask, data.empty_cond[k].to(v.dtype), v)
     else:
         tokens = {k: v[idx] for k, v in data.tokens.items()}
@@ -544,8 +549,8 @@ def batch_conditioning(
             tokens = {k: torch.where(drop[:, None], data.empty_tokens[k], v) for k, v in tokens.items()}
         cond = text_conditioning(components, tokens)
     if data.time_ids is not None:
-        cond["time_ids"] = data.time_ids[idx.to(data.time_ids.device)]
-    return {k: v.to(device) for k, v in cond.items()}
+        cond["time_ids"] = data.time_ids[idx.to(data.time_ids.device, non_blocking=True)]
+    return {k: v.to(device, non_blocking=True) for k, v in cond.items()}
 
 
 def accumulate_gradients(
@@ -565,21 +570,24 @@ def accumulate_gradients(
     trained = [m for m in (components.unet, components.text_encoder, components.text_encoder_2) if _is_wrapped(m)]
     for m, rows in enumerate(micro):
         bucket = int(rows["bucket"][0])  # a step's images all have one size
-        pos = rows["pos"].to(data.latents[bucket].device)
-        latents = data.latents[bucket][pos]  # (b, 4, H/8, W/8)
+        # Every copy of the step's draws to the GPU is asynchronous (the draws are page-locked; see the loop): a
+        # blocking copy would make the host wait for the GPU to finish all the work queued so far, every step.
+        device = data.latents[bucket].device
+        on_device = {k: v.to(device, non_blocking=True) for k, v in rows.items() if k not in ("idx", "bucket")}
+        latents = data.latents[bucket][on_device["pos"]]  # (b, 4, H/8, W/8)
         if "flip" in rows:  # data.random_flip: half the images mirrored
-            mirrored = data.flipped[bucket][pos]
-            latents = torch.where(rows["flip"].to(latents.device).view(-1, 1, 1, 1), mirrored, latents)
-        noise = rows["noise"].to(latents.device, non_blocking=True)
+            mirrored = data.flipped[bucket][on_device["pos"]]
+            latents = torch.where(on_device["flip"].view(-1, 1, 1, 1), mirrored, latents)
+        noise = on_device["noise"]
         if params.noise_offset:
             # Offset noise (Guttenberg 2023): a per-channel constant lets the model shift overall brightness.
-            noise = noise + params.noise_offset * rows["offset"].to(latents.device, non_blocking=True)
-        t = rows["t"].to(latents.device, non_blocking=True)
+            noise = noise + params.noise_offset * on_device["offset"]
+        t = on_device["t"]
         # Input perturbation (Ning et al. 2023): the input is noised with slightly perturbed noise while the target
         # keeps the clean noise, mimicking the prediction errors the model meets at sampling time.
         input_noise = noise
         if params.input_perturbation:
-            input_noise = noise + params.input_perturbation * rows["perturbation"].to(latents.device, non_blocking=True)
+            input_noise = noise + params.input_perturbation * on_device["perturbation"]
         noisy = scheduler.add_noise(latents, input_noise, t)
         target = diffusion_target(scheduler, latents, noise, t)  # noise (epsilon) or velocity (v-prediction)
         if params.channels_last:
@@ -593,7 +601,7 @@ def accumulate_gradients(
             cond = batch_conditioning(components, data, rows, accelerator.device)  # (b, 77, D) text states
             pred = predict(components.unet, noisy, t, cond)
             per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (b,)
-            weights = loss_weights(scheduler, rows["t"], rows["is_prior"], params).to(per_sample.device)
+            weights = loss_weights(scheduler, t, on_device["is_prior"], params)
             loss = (per_sample * weights).sum() * loss_scale
             accelerator.backward(loss)
         step_loss += loss.detach()
@@ -606,10 +614,10 @@ def _is_wrapped(model: Any) -> bool:
 
 
 def loss_weights(scheduler: Any, t: torch.Tensor, is_prior: torch.Tensor, params: TrainParams) -> torch.Tensor:
-    """Per-sample loss weight: min-SNR-gamma (Hang et al. 2023) times the prior-preservation weight."""
-    weight = torch.ones(len(t))
+    """Per-sample loss weight: min-SNR-gamma (Hang et al. 2023) times the prior-preservation weight, on t's device."""
+    weight = torch.ones(len(t), device=t.device)
     if params.snr_gamma is not None:
-        alphas_cumprod = scheduler.alphas_cumprod[t]
+        alphas_cumprod = scheduler.alphas_cumprod.to(t.device)[t]
         snr = alphas_cumprod / (1 - alphas_cumprod)
         clipped = snr.clamp(max=params.snr_gamma)
         # The paper's weight min(SNR, gamma) is for a loss on x0. An epsilon loss is SNR times smaller, so it becomes
@@ -666,6 +674,10 @@ def train(
     counts = parameter_counts(components)
     print(describe_counts(counts, params.method))
     text_trains = params.train_text_encoder
+    # The frozen encoders work on the training device too (caching, sample grids, text encoders that train); the UNet
+    # gets there through accelerator.prepare (sharded under FSDP).
+    for module in (*components.text_encoders, components.vae):
+        module.to(accelerator.device)
     t0 = time.perf_counter()
     data = encode_data(
         components, train_split, val_split, class_split, not text_trains, accelerator.device, random_flip, precomputed
@@ -682,7 +694,7 @@ def train(
     )
     unet = components.unet
     text_models = components.text_encoders if text_trains else []
-    apply_speed_settings(unet, text_models, params)
+    apply_speed_settings(unet, text_models, params, accelerator.device)
     optimizer = make_optimizer(trainable, params)
     # Stepped by hand once per optimizer step (accelerate's wrapper would step it once per process).
     lr_scheduler = get_scheduler(
@@ -963,8 +975,11 @@ def sync_losses(
         record["train_loss"] = value
     elapsed = time.perf_counter() - start
     rate = state.images_seen / elapsed if elapsed > 0 else 0.0
+    # Training time at this step, read right after a host sync (so it is exact): loss against time in curve.csv, and
+    # steady-state speed between two such steps (bench/train_bench.py) without compilation or warm-up.
+    pending[-1]["seconds"] = round(elapsed, 4)
     for record in pending:
-        live.metrics({f"train.{k}": v for k, v in record.items() if k != "step"}, int(record["step"]))
+        live.metrics({f"train.{k}": v for k, v in record.items() if k not in ("step", "seconds")}, int(record["step"]))
     live.metrics({"train.images_per_s": rate}, int(pending[-1]["step"]))
     bar.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{rate:.1f}")
     pending.clear()
@@ -1188,7 +1203,7 @@ def write_reports(result: TrainResult, report_dir: Path) -> None:
     for step, grid in sorted(result.samples.items()):
         grid.save(folder / f"step_{step:06d}.png")
     with open(report_dir / "curve.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["step", "train_loss", "val_loss", "lr"], restval="")
+        writer = csv.DictWriter(handle, fieldnames=["step", "train_loss", "val_loss", "lr", "seconds"], restval="")
         writer.writeheader()
         writer.writerows(result.history)
 

@@ -107,3 +107,15 @@ def test_sdxl_text_encoder_lora_on_both_encoders_loads_back(tmp_path: Path, sdxl
             trained = result.models[name](ids, output_hidden_states=True).hidden_states[-2]
             torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(loaded, base, atol=1e-5)  # text_encoder_2's LoRA changed it, and loaded with it
+
+
+def test_compute_device_follows_sdft_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.diffusion import compute_device
+
+    monkeypatch.setenv("SDFT_DEVICE", "cpu")
+    assert compute_device() == torch.device("cpu")
+    monkeypatch.setenv("SDFT_DEVICE", "gpu0")
+    with pytest.raises(ValueError, match="SDFT_DEVICE='gpu0' is not a torch device"):
+        compute_device()
+    monkeypatch.delenv("SDFT_DEVICE")
+    assert compute_device().type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -169,6 +169,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path, tiny_mod
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
     resumed_curve, clean_curve = curve(tmp_path / "report"), curve(tmp_path / "r2")
     assert [r["step"] for r in resumed_curve] == [r["step"] for r in clean_curve]
+    # Training time, at each step the losses reached the host, runs on across the kill (from the checkpoint's clock).
+    seconds = [float(r["seconds"]) for r in resumed_curve if r["seconds"]]
+    assert len(seconds) >= 4 and seconds == sorted(seconds) and seconds[0] > 0
     for x, y in zip(resumed_curve, clean_curve, strict=True):
         for column in ("train_loss", "val_loss"):
             if x[column] or y[column]:

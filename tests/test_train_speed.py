@@ -73,3 +73,11 @@ def test_compiled_graphs_are_cached_for_the_next_run(tmp_path: Path, tiny_model:
     # Same model, shapes and code: the second process finds every compiled graph and writes no new one.
     fx_graphs = lambda files: {p for p in files if "fxgraph" in p.parts}  # noqa: E731
     assert fx_graphs(first) and fx_graphs(second) == fx_graphs(first)
+
+
+def test_channels_last_with_frozen_leading_blocks_trains_on_cpu(tiny_model: Path, splits, capsys) -> None:  # noqa: F811
+    # torch's CPU GroupNorm backward crashes the process on channels-last inputs that need no gradient: train skips the
+    # layout there (a GPU optimisation) rather than dying, and says so.
+    params = tp(max_steps=2, validation_every=2, method="full", train_blocks=["up_blocks.1"], channels_last=True)
+    result = train(load_components(str(tiny_model)), *splits, params)
+    assert result.steps == 2 and "channels_last is skipped on the CPU" in capsys.readouterr().out
