@@ -31,13 +31,12 @@ class TrainedPipeline(PythonModel):
     """A base model plus a train output (full fine-tune, or LoRA): `predict` generates from prompts."""
 
     def load_context(self, context: Any) -> None:
-        import torch
+        from pipeline.diffusion import compute_device
 
         config = dict(context.model_config or {})
         output = candidate.read_output(context.artifacts[ARTIFACT])
         pipe = candidate.load_trained(output, config["base_model"], config.get("base_revision"))
-        device = config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.pipe = pipe.to(device)
+        self.pipe = pipe.to(config.get("device") or compute_device())  # model_config's device, else SDFT_DEVICE
 
     # No type hint on model_input: MLflow would read one as an input schema; the logged signature is the schema.
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> list[bytes]:  # noqa: ANN001
