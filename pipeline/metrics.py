@@ -37,12 +37,11 @@ def image_embeddings(clip: Any, processor: Any, images: torch.Tensor, batch_size
 @torch.no_grad()
 def text_embeddings(clip: Any, processor: Any, texts: list[str], batch_size: int = 64) -> torch.Tensor:
     """L2-normalised CLIP text embeddings (N, P); text longer than CLIP's 77 tokens is truncated."""
-    out = []
+    out, device = [], module_device(clip)
     for start in range(0, len(texts), batch_size):
         tokens = processor(
             text=texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=77
         )
-        device = module_device(clip)
         ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
         out.append(clip.get_text_features(input_ids=ids, attention_mask=mask).cpu())
     emb = torch.cat(out).float()
