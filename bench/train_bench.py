@@ -201,6 +201,7 @@ def run_recipe(components: Any, split: Any, args: argparse.Namespace) -> dict[st
             pred = predict(components.unet, noisy, t.to(device), {k: v.to(device, dtype) for k, v in cond.items()})
         loss = F.mse_loss(pred.float(), noise.float())
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)  # the examples' --max_grad_norm default
         optimizer.step()
         optimizer.zero_grad()
         loss.item()  # the recipe logs the loss every step: a host sync
