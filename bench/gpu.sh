@@ -3,7 +3,7 @@
 #
 #   bash bench/fetch_wheels.sh                           # first, where a package index is reachable
 #   bash bench/gpu.sh checks sd15-lora                   # at most 6 minutes on one H100/H200: correctness first
-#   bash bench/gpu.sh sd15-lora-compiled sdxl-lora sd15-full   # at most 7 minutes
+#   bash bench/gpu.sh sd15-lora-compiled sdxl-lora sd15-full   # at most 8 minutes (the compile alone can take 2-3)
 #   bash bench/gpu.sh                                    # all five, one after the other
 #
 # `checks` runs bench/gpu_checks.py: every stage and training option on the GPU with the tiny models, and the host
@@ -62,7 +62,7 @@ benchmark() {
     # The same stage compiled with CUDA graphs, which cut the launch overhead that bounds batch 8-16 (NOTES: 0.19 s per
     # step at either size). Compiling the training step takes minutes on a bare machine.
     sd15-lora-compiled)
-        run 200 sd15-lora-compiled --arch sd15 --batch-size 16 --steps 30 --warmup 10 --variants stage-fast \
+        run 270 sd15-lora-compiled --arch sd15 --batch-size 16 --steps 30 --warmup 10 --variants stage-fast \
             --compile --compile-mode reduce-overhead
         ;;
     # Full fine-tuning of the whole UNet: diffusers' train_text_to_image.py loop against the stage, eager.
