@@ -42,6 +42,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.train_bench import synthetic_split  # noqa: E402
 from pipeline import env  # noqa: E402
 
 # Each group of options trains for a few steps; together they cover every option that moves tensors between devices.
@@ -65,18 +66,6 @@ TRAIN_GROUPS: dict[str, dict[str, Any]] = {
     "lora: compile reduce-overhead (CUDA graphs)": {"compile": True, "compile_mode": "reduce-overhead"},
     "sdxl lora + text-encoder lora": {"_sdxl": True, "train_text_encoder": True},
 }  # fmt: skip
-
-
-def synthetic_split(n: int, sizes: list[tuple[int, int]], seed: int) -> Any:
-    import numpy as np
-    from PIL import Image
-
-    from pipeline.diffusion import Split
-
-    rng = np.random.default_rng(seed)
-    images = [Image.fromarray(rng.integers(0, 255, (*sizes[i % len(sizes)], 3), dtype=np.uint8)) for i in range(n)]
-    captions = [f"a red square number {i}" for i in range(n)]
-    return Split(images=images, captions=captions, hashes=[f"{seed}-{i}" for i in range(n)])
 
 
 class SyncCounter:

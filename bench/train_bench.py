@@ -128,14 +128,15 @@ def build_architecture(arch: str, device: str) -> Any:
         )  # fmt: skip
 
 
-def synthetic_split(n: int, resolution: int, seed: int) -> Any:
-    """`n` random images with captions: throughput does not depend on what is drawn."""
+def synthetic_split(n: int, sizes: list[tuple[int, int]], seed: int) -> Any:
+    """`n` random images of the (height, width) `sizes` in turn, with captions: throughput does not depend on what is
+    drawn."""
     from PIL import Image
 
     from pipeline.diffusion import Split
 
     rng = np.random.default_rng(seed)
-    images = [Image.fromarray(rng.integers(0, 255, (resolution, resolution, 3), dtype=np.uint8)) for _ in range(n)]
+    images = [Image.fromarray(rng.integers(0, 255, (*sizes[i % len(sizes)], 3), dtype=np.uint8)) for i in range(n)]
     captions = [f"a photo of object number {i} on a plain background" for i in range(n)]
     return Split(images=images, captions=captions, hashes=[f"{seed}-{i}" for i in range(n)])
 
@@ -157,19 +158,19 @@ def _peak_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def make_trainable(unet: Any, method: str) -> list[torch.nn.Parameter]:
-    """The recipes' choice of trained weights: a rank-4 LoRA on the attention projections, or the whole UNet; fp32."""
-    from pipeline.config import TrainParams
-    from pipeline.train import add_lora
+def what_trains(method: str) -> dict[str, Any]:
+    """The train params of the recipes' choice: a rank-4 LoRA on the attention projections, or the whole UNet."""
+    return {"method": method} | (
+        {"lora_rank": 4, "lora_alpha": 4, "lora_targets": LORA_TARGETS} if method == "lora" else {}
+    )
 
-    if method == "lora":
-        add_lora(unet, TrainParams(lora_rank=4, lora_alpha=4), LORA_TARGETS)
-    else:
-        unet.requires_grad_(True)
-    trainable = [p for p in unet.parameters() if p.requires_grad]
-    for p in trainable:
-        p.data = p.data.float()
-    return trainable
+
+def make_trainable(components: Any, method: str) -> list[torch.nn.Parameter]:
+    """Adapt or unfreeze what the recipe trains, as the stage does (fp32 trained weights)."""
+    from pipeline.config import TrainParams
+    from pipeline.train import select_trainable
+
+    return list(select_trainable(components, TrainParams(**what_trains(method))).values())
 
 
 def run_recipe(components: Any, split: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -182,7 +183,7 @@ def run_recipe(components: Any, split: Any, args: argparse.Namespace) -> dict[st
     dtype = {"cuda": torch.bfloat16, "cpu": torch.float32}[device]
     for module in (*components.text_encoders, components.vae, components.unet):
         module.to(dtype=dtype)
-    trainable = make_trainable(components.unet, args.method)
+    trainable = make_trainable(components, args.method)
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     scheduler = components.noise_scheduler
     generator = torch.Generator("cpu").manual_seed(0)
@@ -220,10 +221,9 @@ def run_stage(components: Any, split: Any, args: argparse.Namespace, fast: bool)
     from pipeline.config import TrainParams
     from pipeline.train import train
 
-    val = synthetic_split(4, args.resolution, seed=1)
+    val = synthetic_split(4, [(args.resolution, args.resolution)], seed=1)
     lora = args.method == "lora"
-    options = {
-        "method": args.method,
+    options = what_trains(args.method) | {
         "mixed_precision": "auto" if fast else "no",
         "optimizer": "adamw_fused" if fast and args.device == "cuda" else "adamw",
         "channels_last": fast and args.device == "cuda",
@@ -235,8 +235,6 @@ def run_stage(components: Any, split: Any, args: argparse.Namespace, fast: bool)
         # The loss comes to the host every `warmup` steps (the stage's default is 10): a sync right where timing starts.
         "log_every": args.warmup,
     }
-    if lora:
-        options |= {"lora_rank": 4, "lora_alpha": 4, "lora_targets": LORA_TARGETS}
     params = TrainParams(
         max_steps=args.warmup + args.steps, batch_size=args.batch_size, learning_rate=1e-4,
         validation_every=10**6, validation_timesteps=1, **options,
@@ -269,7 +267,7 @@ def step_flops(components: Any, args: argparse.Namespace) -> dict[str, float]:
     from pipeline.diffusion import encode_conditioning, predict
 
     device, b, r = args.device, 1, args.resolution
-    make_trainable(components.unet, args.method)
+    make_trainable(components, args.method)
     latents = torch.randn(b, 4, r // 8, r // 8, device=device)
     cond = {k: v.to(device) for k, v in encode_conditioning(components, ["a photo"], r).items()}
     t = torch.full((b,), 500, device=device)
@@ -290,7 +288,7 @@ def child(args: argparse.Namespace) -> None:
     """Run one variant in this process and print its result as JSON on the last line."""
     torch.manual_seed(0)
     components = build_components(args.arch, args.device)
-    split = synthetic_split(max(4 * args.batch_size, 16), args.resolution, seed=0)
+    split = synthetic_split(max(4 * args.batch_size, 16), [(args.resolution, args.resolution)], seed=0)
     if args.variant == "recipe":
         result = run_recipe(components, split, args)
     elif args.variant == "flops":
