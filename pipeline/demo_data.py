@@ -1,7 +1,9 @@
-"""The embedded demo dataset: captioned coloured shapes in the Hugging Face `imagefolder` layout.
+"""The embedded demo dataset: purple shapes, a colour the shipped base model never saw, in the `imagefolder` layout.
 
-Every caption names what is drawn ("a red circle on a white background"), so prompt-alignment metrics have something
-real to check. The images are committed under `data/demo/`; this module is how they were made (`sdft make-demo-data`).
+The base model (`pipeline/pretrain_base.py`) draws red, green and blue shapes; after `make demo` the champion should
+also draw purple ones, and the judges measure whether it does. Every caption names what is drawn ("a purple circle on
+a white background"). The images are committed under `data/demo/`; this module is how they were made (`sdft init`
+regenerates them when the folder is missing).
 """
 
 from __future__ import annotations
@@ -10,42 +12,23 @@ import json
 import random
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from pipeline.world import BACKGROUNDS, COLOURS, NEW_COLOURS, SHAPES, Scene, draw_shape, render
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
-BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15)}
-SHAPES = ("circle", "square", "triangle")
+__all__ = ["BACKGROUNDS", "COLOURS", "SHAPES", "draw_shape", "make_demo_dataset"]
 
 
-def draw_shape(
-    shape: str, colour: tuple[int, int, int], background: tuple[int, int, int], size: int, rng: random.Random
-) -> Image.Image:
-    """One shape of random size and position, fully inside a `size` x `size` canvas."""
-    image = Image.new("RGB", (size, size), background)
-    draw = ImageDraw.Draw(image)
-    extent = rng.randint(size // 2, size * 4 // 5)
-    x0, y0 = rng.randint(2, size - extent - 2), rng.randint(2, size - extent - 2)
-    box = (x0, y0, x0 + extent, y0 + extent)
-    if shape == "circle":
-        draw.ellipse(box, fill=colour)
-    elif shape == "square":
-        draw.rectangle(box, fill=colour)
-    else:
-        draw.polygon([(x0 + extent // 2, y0), (x0, y0 + extent), (x0 + extent, y0 + extent)], fill=colour)
-    return image
-
-
-def make_demo_dataset(folder: Path, per_combination: int = 2, size: int = 96, seed: int = 0) -> Path:
-    """Write `len(COLOURS) * len(SHAPES) * len(BACKGROUNDS) * per_combination` images and `metadata.jsonl`."""
+def make_demo_dataset(folder: Path, per_combination: int = 8, size: int = 64, seed: int = 0) -> Path:
+    """Write `len(NEW_COLOURS) * len(SHAPES) * len(BACKGROUNDS) * per_combination` images and `metadata.jsonl`."""
     rng = random.Random(seed)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rows = []
-    for colour, rgb in COLOURS.items():
+    for colour in NEW_COLOURS:
         for shape in SHAPES:
-            for background, bg_rgb in BACKGROUNDS.items():
+            for background in BACKGROUNDS:
+                scene = Scene(shape, colour, background)
                 for k in range(per_combination):
                     name = f"images/{colour}_{shape}_on_{background}_{k}.png"
-                    draw_shape(shape, rgb, bg_rgb, size, rng).save(folder / name)
-                    rows.append({"file_name": name, "text": f"a {colour} {shape} on a {background} background"})
+                    render(scene, size, rng).save(folder / name)
+                    rows.append({"file_name": name, "text": scene.caption})
     (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return folder
