@@ -31,6 +31,9 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/sdft init
 	$(BIN)/sdft run
+	@echo
+	@echo "Next: run 'source $(VENV)/bin/activate' in your shell: it puts sdft, dvc, mlflow and prefect on PATH, as the"
+	@echo "README's commands assume (sdft models, dvc repro, dvc metrics show, ...). make ui / make serve work without it."
 
 # The README's test command: unit tests, the data/train/evaluate tests and the end-to-end retrain (about 9 minutes
 # on 2 cores). test-slow adds the service-level tests: real Prefect and MLflow servers, basic auth, kill-and-resume,

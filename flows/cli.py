@@ -47,7 +47,16 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def ui_command(root: Path) -> str:
-    return f"mlflow ui --backend-store-uri {env.tracking_uri(root)} --host 127.0.0.1 --port 5000"
+    """The MLflow UI on this project's store, sized to the machine.
+
+    `mlflow ui` starts 4 uvicorn workers and, with job execution on, a pool of huey job workers (for MLflow's GenAI
+    jobs, which sdft does not use): too many processes for a small machine. One worker per 4 cores (1 to 4), no jobs.
+    """
+    workers = max(1, min(4, (os.cpu_count() or 1) // 4))
+    return (
+        f"env MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri {env.tracking_uri(root)} "
+        f"--host 127.0.0.1 --port 5000 --workers {workers}"
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -122,6 +131,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     metrics = list(dict.fromkeys(f"eval.{r.metric}" for r in (*gate.primary, *gate.guardrails, *gate.floors)))
 
     def show() -> None:
+        from pipeline.registry import RegistryError, model_exists, server
+
+        if not model_exists(name):
+            raise RegistryError(
+                f"no registered model named {name!r} in {server()}. "
+                "Check --name (or registry.model_name); `sdft run` registers the first version."
+            )
         rows = version_summary(name, metrics, limit=args.limit)
         if not rows:
             print(f"{name}: no versions yet")
@@ -205,7 +221,7 @@ def add_registry_commands(sub: Any) -> None:
     """promote, rollback, approve and lineage (docs/registry.md); `models` is declared in main()."""
     name_help = "registered model name (default: registry.model_name)"
     promote = sub.add_parser("promote", help="make a version @champion by hand (an audited override)")
-    promote.add_argument("version")
+    promote.add_argument("version", help="the registered version number to make @champion (see `sdft models`)")
     promote.add_argument("--reason", required=True, help="why (kept in the audit record)")
     promote.add_argument("--name", help=name_help)
     promote.set_defaults(func=cmd_promote)
@@ -241,11 +257,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sdft", description="Fine-tune Stable Diffusion, gated and versioned.")
     parser.add_argument("--project", default=".", help="project folder (holds params.yaml and dvc.yaml)")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("init", help="build the tiny default base model").set_defaults(func=cmd_init)
+    init_help = "install the default base model (models/tiny-sd) and demo data if missing; check params.yaml"
+    init = sub.add_parser("init", help=init_help, description=init_help[0].upper() + init_help[1:] + ".")
+    init.set_defaults(func=cmd_init)
     run = sub.add_parser("run", help="run the retrain flow once")
     run.add_argument("--dry-run", action="store_true", help="decide and report, register nothing")
     run.add_argument(
-        "--trigger", choices=["manual", "data", "schedule"], default="manual", help="data: skip if data is unchanged"
+        "--trigger",
+        choices=["manual", "data", "schedule"],
+        default="manual",
+        help="why this run starts, recorded in the run and the retrain history. manual (default) and schedule: "
+        "always run (DVC still skips stages whose inputs are unchanged); data: finish as skipped when the data "
+        "source holds the same content as the last retrain",
     )
     run.set_defaults(func=cmd_run)
     models = sub.add_parser("models", help="list registered versions")
@@ -253,14 +276,26 @@ def main(argv: list[str] | None = None) -> int:
     models.add_argument("--limit", type=int, default=20, help="newest versions shown (default 20)")
     models.set_defaults(func=cmd_models)
     add_registry_commands(sub)
-    sub.add_parser("ui", help="print the MLflow UI command").set_defaults(func=cmd_ui)
+    ui_help = "print the command that opens the MLflow UI on this project's tracking store (make ui runs it)"
+    sub.add_parser("ui", help=ui_help, description=ui_help[0].upper() + ui_help[1:] + ".").set_defaults(func=cmd_ui)
     serve = sub.add_parser("serve", help="serve the scheduled retrain (prefect.yaml) until interrupted")
     serve.add_argument("--port", type=int, help="port of the local Prefect server it starts (default 4200 or free)")
     serve.set_defaults(func=cmd_serve)
     args = parser.parse_args(argv)
     os.environ.setdefault("SDFT_ROOT", str(Path(args.project).resolve()))
+    # One Prefect home for `sdft` and `make` alike (the Makefile exports the same path), so the UI that `make serve`
+    # opens shows every run; Prefect's default, ~/.prefect, would split the history in two.
+    os.environ.setdefault("PREFECT_HOME", str(Path(args.project).resolve() / ".prefect"))
     env.configure()
-    return args.func(args)
+    try:
+        code = args.func(args)
+        sys.stdout.flush()  # inside the try: a closed pipe shows up here, not in the interpreter's final flush
+        return code
+    except BrokenPipeError:
+        # `sdft models | head`: the reader left. Quiet exit with the status a tool killed by SIGPIPE gives (128 + 13);
+        # stdout goes to /dev/null so nothing else tries to write to the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -757,6 +757,20 @@ def _require_reason(reason: str, action: str) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def model_exists(model_name: str) -> bool:
+    """Whether a registered model of that name exists in the tracking store."""
+    from mlflow.exceptions import MlflowException
+
+    c = client()
+    try:
+        with_retries(lambda: c.get_registered_model(model_name), "read model")
+    except MlflowException as exc:
+        if _missing(exc):
+            return False
+        raise
+    return True
+
+
 def version_summary(model_name: str, metric_names: list[str] | None = None, limit: int | None = None) -> list[dict]:
     """The newest versions (all, or `limit`) with their aliases, status, decision, key metrics and last audit record.
 
