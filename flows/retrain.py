@@ -227,7 +227,8 @@ def push_outputs(root: Path) -> None:
 def log_reports(root: Path, run_id: str) -> None:
     """Metrics, the training curve and the report files, to the MLflow run."""
     metrics = json.loads((root / REPORTS / "metrics.json").read_text())
-    # eval.* (the candidate) and eval.base.*: kept apart from train.* (the stage's own validation curve).
+    # eval.* (the candidate) and eval.base.*, on the test split: kept apart from train.* (the stage's own curve,
+    # on the validation split).
     flat = {
         f"eval.{k}" if model == "candidate" else f"eval.{model}.{k}": v
         for model, values in metrics.items()
@@ -237,7 +238,12 @@ def log_reports(root: Path, run_id: str) -> None:
     summary = json.loads((root / REPORTS / "train" / "summary.json").read_text())
     flat |= {f"train.{k}": v for k, v in summary["cost"].items()} | {"train.best_step": summary["best_step"]}
     registry.log_metrics(run_id, flat)
-    registry.set_tags(run_id, {"sdft.stop_reason": summary["stop_reason"]})
+    # Which prepared split each family of numbers comes from: eval.* on test (the gate's), train.* on validation.
+    splits = {
+        "sdft.eval_split": metrics["evaluation"].get("split", ""),
+        "sdft.train_val_split": summary.get("val_split", "validation"),
+    }
+    registry.set_tags(run_id, {"sdft.stop_reason": summary["stop_reason"]} | splits)
     registry.log_artifacts(run_id, [root / REPORTS, root / "params.yaml", root / "dvc.lock"], "reports")
     from pipeline.prepare import dataset_for_mlflow  # the prepared data as the run's dataset input (docs/data.md)
 

@@ -67,7 +67,12 @@ class DataParams(_Section):
     caption_column: str = "text"
     resolution: Annotated[int, Field(ge=8)] = 64
     crop: Literal["center", "random"] = "center"
-    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.2, description="Share of images in the validation split (early stopping, checkpoint choice, tuning)."
+    )
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.2, description="Share of images in the test split, read only by evaluate and the gate."
+    )
     split_salt: str = "sdft"
     on_invalid: Literal["fail", "skip"] = "skip"
     min_size: Annotated[int, Field(ge=1)] = 32
@@ -101,6 +106,15 @@ class DataParams(_Section):
         if value % 8:
             raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8), got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _leaves_train_images(self) -> DataParams:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"val_fraction ({self.val_fraction}) + test_fraction ({self.test_fraction}) must be below 1, so that "
+                "some images are left to train on; lower one of them"
+            )
+        return self
 
 
 class PriorPreservationParams(_Section):

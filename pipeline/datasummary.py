@@ -55,7 +55,7 @@ def tables(prepared: Prepared) -> dict[str, tuple[list[str], list[tuple[str, int
     counts = prepared.counts()
     reasons = Counter(r.reason.split(" (")[0] for r in prepared.rejected)
     upscaled = sum(max(i.width / i.original_size[0], i.height / i.original_size[1]) > 1 for i in items)
-    rows = [(name, counts[name]) for name in ("found", "accepted", "train", "validation", "rejected")]
+    rows = [(name, counts[name]) for name in ("found", "accepted", "train", "validation", "test", "rejected")]
     rows += [(f"rejected: {reason}", n) for reason, n in sorted(reasons.items())]
     rows += [("converted", counts["converted"]), ("captions truncated", counts["captions_truncated"])]
     rows += [("upscaled to the training size", upscaled)]
@@ -94,7 +94,8 @@ def contact_sheet(prepared: Prepared, n: int = SHEET_ITEMS, columns: int = SHEET
     counts = prepared.counts()
     draw.text(
         (pad, 6),
-        f"{counts['accepted']} images ({counts['train']} train / {counts['validation']} validation), "
+        f"{counts['accepted']} images ({counts['train']} train / {counts['validation']} validation / "
+        f"{counts['test']} test), "
         f"{counts['rejected']} rejected; showing {len(sample)}",
         fill=(0, 0, 0),
         font=ImageFont.load_default(13),
@@ -104,7 +105,8 @@ def contact_sheet(prepared: Prepared, n: int = SHEET_ITEMS, columns: int = SHEET
         with Image.open(item.png) as image:
             thumb = ImageOps.contain(image.convert("RGB"), (THUMB, THUMB), Image.Resampling.LANCZOS)
         sheet.paste(thumb, (x + (THUMB - thumb.width) // 2, y + (THUMB - thumb.height) // 2))
-        label = f"[{'val' if item.split == 'validation' else 'train'} {item.width}x{item.height}] {item.caption}"
+        short = {"validation": "val"}.get(item.split, item.split)
+        label = f"[{short} {item.width}x{item.height}] {item.caption}"
         lines = textwrap.wrap(label, width=26)
         if len(lines) > text_lines:
             lines = [*lines[: text_lines - 1], lines[text_lines - 1][:23] + "..."]

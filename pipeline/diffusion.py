@@ -92,6 +92,13 @@ def load_components(model: str, revision: str | None = None, dtype: torch.dtype 
     return components
 
 
+# The prepared splits (folders of the prepare stage's output) and who may read them. `train` fits the weights;
+# `validation` chooses (early stopping, best checkpoint, hyperparameter tuning); `test` judges: read only by evaluate
+# and, through it, the gate, so the numbers that promote a model come from images that chose nothing about it.
+TRAIN, VALIDATION, TEST = "train", "validation", "test"
+TRAINING_SPLITS = (TRAIN, VALIDATION)  # all that encode and train read
+
+
 @dataclass
 class Split:
     """A prepared split: images (RGB, already at the training resolution) and their captions."""

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from pipeline import encoded, env
 from pipeline.config import ParamsError, load_params, resolve_model
 from pipeline.diffusion import (
+    TRAINING_SPLITS,
     Components,
     compute_device,
     encode_conditioning,
@@ -39,7 +40,8 @@ from pipeline.diffusion import (
     read_rows,
 )
 
-SPLITS = ("train", "validation")
+# Only what train reads: the test split is evaluate's alone, so no stage before it touches those images.
+SPLITS = TRAINING_SPLITS
 
 
 class WorkCache:

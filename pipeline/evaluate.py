@@ -8,12 +8,15 @@ trained to predict (e.g. v_prediction trained on an epsilon base); the untuned b
 `training.json` (older adapters) is an SD LoRA with the base scheduler. The validation loss conditions SDXL as
 training does (both text encoders, pooled text, size/crop ids).
 
-Both models see the same held-out images with the same fixed noise and timesteps (validation loss), and generate
-from the same prompts with the same per-image seeds (CPU generators), scheduler and step count. Per-sample values are
-kept wherever a metric has them, so the gate and the report can compute paired confidence intervals.
+The held-out images are the prepared `test` split (data.test_fraction): no training step, early stop or checkpoint
+choice read them (those use `validation`), so the gate, which reads these numbers, does not judge a model on the
+images that chose it. Both models see the same test images with the same fixed noise and timesteps (val_loss), and
+generate from the same prompts with the same per-image seeds (CPU generators), scheduler and step count. Per-sample
+values are kept wherever a metric has them, so the gate and the report can compute paired confidence intervals.
 
 Metrics per model (functions and citations in `pipeline.metrics`):
-- `val_loss`: fixed-noise denoising loss per held-out image;
+- `val_loss`: fixed-noise denoising loss per test image (train's computation, named as there; train's own val_loss
+  is on the validation split);
 - `clip_score`: CLIP text-image agreement per generated image; `forgetting_clip_score`: the same on
   `evaluate.general_prompts`, unrelated to the training data (candidate below base: the model forgot);
 - `adherence_*`: zero-shot CLIP classification of each generated image over `evaluate.label_vocabulary`;
@@ -53,6 +56,9 @@ from PIL import Image, ImageDraw, ImageOps
 from pipeline import candidate, env, metrics
 from pipeline.config import EvaluateParams, ParamsError, load_params, resolve_model
 from pipeline.diffusion import (
+    TEST,
+    TRAIN,
+    VALIDATION,
     Components,
     Split,
     compute_device,
@@ -68,13 +74,40 @@ from pipeline.stats import paired_bootstrap
 
 # Settings that change the report, not any model's values or per-sample numbers.
 REPORT_ONLY = {"bootstrap_resamples", "confidence", "memorisation_worst"}
+# Which data each metric is measured on, written into metrics.json beside the numbers (`metric_data`).
+METRIC_DATA = {
+    "val_loss": "fixed-noise denoising loss on the test split's images (train's val_loss is on the validation split)",
+    "clip_score": "images generated from the test split's captions and evaluate.prompts",
+    "adherence_*": "images generated from the test split's captions and evaluate.prompts",
+    "forgetting_clip_score": "images generated from evaluate.general_prompts",
+    "fid, kid, precision, recall, f1, density, coverage": "generated images vs the test split's images",
+    "mifid, memorisation_*": "generated images vs the train split's images",
+}
+
+
+class MissingSplitError(FileNotFoundError):
+    """The prepared data has no test split: it was written before data.test_fraction existed."""
+
+
+def read_test_split(prepared: Path) -> Split:
+    """The prepared `test` split, the only held-out data evaluate measures on; a clear error when there is none."""
+    folder = prepared / TEST
+    if not (folder / "metadata.jsonl").is_file() and (prepared / VALIDATION / "metadata.jsonl").is_file():
+        raise MissingSplitError(
+            f"{prepared} has no '{TEST}' split: it was prepared before data.test_fraction existed (two splits, "
+            f"train and validation). Evaluate measures on the test split only, so that the gate does not judge a "
+            f"model on the validation images that chose it: re-run prepare (`dvc repro prepare`, or `dvc repro`), "
+            f"which splits the data in three; the test split is the former validation images when data.test_fraction "
+            f"equals the former data.val_fraction."
+        )
+    return read_split(folder)
 
 
 @dataclass
 class EvalSet:
     """Everything that must be identical for two models to be comparable."""
 
-    validation: Split
+    validation: Split  # the held-out images: the prepared `test` split (see `split`), never train's validation
     train: Split
     prompts: list[str]  # one entry per generated image
     seeds: list[int]
@@ -82,12 +115,14 @@ class EvalSet:
     general_seeds: list[int]
     resolution: int
     params: EvaluateParams
+    split: str = TEST  # the prepared split `validation` (the held-out images) was read from
 
     def digest(self) -> str:
         """Hash of the held-out and training images, prompts, seeds and every evaluation setting that changes a
         model's numbers (extractors, k, prompt lists...): equal digests, comparable results. Report-only settings
         are left out, so changing them does not force the gate to re-evaluate a cached champion."""
         payload = {
+            "split": self.split,
             "images": self.validation.hashes,
             "captions": self.validation.captions,
             "train_images": self.train.hashes,
@@ -469,7 +504,8 @@ def write_outputs(
     summary: dict[str, Any] = {r.name: {k: round(v, 6) for k, v in r.values.items()} for r in results}
     summary["evaluation"] = {
         "eval_set_hash": eval_set.digest(),
-        "n_validation_images": len(eval_set.validation.images),
+        "split": eval_set.split,  # every number above is measured on this prepared split (see metric_data)
+        "n_test_images": len(eval_set.validation.images),
         "n_train_images": len(eval_set.train.images),
         "n_generated_per_model": n_generated,
         "n_general_per_model": len(eval_set.general_prompts),
@@ -485,6 +521,7 @@ def write_outputs(
         "seconds": round(sum(r.seconds for r in results), 3),
         "cost": cost(results, reference, total_seconds or sum(r.seconds for r in results)),
         "models": {r.name: r.model for r in results if r.model},
+        "metric_data": METRIC_DATA,
     }
     cis = intervals(results, p)
     (out / "intervals.json").write_text(json.dumps(cis, indent=1) + "\n")
@@ -545,8 +582,12 @@ def _main(argv: list[str] | None) -> int:
                 file=sys.stderr,
             )
             return 2
-    validation = read_split(args.prepared / "validation")
-    train_dir = args.prepared / "train"
+    try:
+        validation = read_test_split(args.prepared)  # held out from everything train chose; named as EvalSet's field
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    train_dir = args.prepared / TRAIN
     train = read_split(train_dir) if (train_dir / "metadata.jsonl").is_file() else Split([], [], [])
     eval_set = build_eval_set(validation, params.evaluate, params.data.resolution, train)
     # Before any work: a gate rule on a number this evaluation cannot vouch for is a configuration error.

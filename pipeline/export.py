@@ -122,8 +122,8 @@ def model_card(
         "",
         f"- **Base model**: `{base_model}`",
         f"- **Training data**: sha256 `{data_hash}` (hash of every image's content hash and caption, per split)",
-        f"- **Method**: {method}; best held-out validation loss {summary.get('best_val_loss', nan):.5f} at step "
-        f"{summary.get('best_step')} (untuned {summary.get('initial_val_loss', nan):.5f}); "
+        f"- **Method**: {method}; best validation loss (validation split) {summary.get('best_val_loss', nan):.5f} "
+        f"at step {summary.get('best_step')} (untuned {summary.get('initial_val_loss', nan):.5f}); "
         f"{summary.get('stop_reason', '')}",
         f"- **Parameters**: {summary.get('parameters', {}).get('trainable', 0):,} trained, "
         f"{summary.get('parameters', {}).get('frozen', 0):,} frozen",

@@ -539,16 +539,30 @@ def find_duplicates(hashes: list[tuple[str, str, int]], max_distance: int) -> di
 # Split
 
 
-def split_of(content_hash: str, val_fraction: float, salt: str = "") -> Literal["train", "val"]:
-    """ "val" for about `val_fraction` of items, decided by the item's own hash alone.
+def split_of(
+    content_hash: str, val_fraction: float, salt: str = "", test_fraction: float = 0.0
+) -> Literal["train", "val", "test"]:
+    """ "test" for about `test_fraction` of items, "val" for about `val_fraction`, "train" for the rest, decided by
+    the item's own hash alone.
 
-    sha256(salt + hash) read as a number in [0, 2**256) is uniform, so each item's split never changes when other
-    items are added or removed (unlike a shuffled list cut at a fraction). Change `salt` for a new split.
+    sha256(salt + hash) read as a number u in [0, 1) is uniform, so each item's split never changes when other items
+    are added or removed (unlike a shuffled list cut at a fraction). Change `salt` for a new split. The bands:
+
+        test: u < test_fraction  |  val: test_fraction <= u < test_fraction + val_fraction  |  train: the rest
+
+    Test comes first so that changing val_fraction never moves a test image (the gate's set stays put). Without a
+    test band (test_fraction 0) val is u < val_fraction, the two-split layout of earlier versions: with equal
+    fractions the new test set is exactly the former validation set, which the earlier champion never trained on.
     """
-    if not 0.0 <= val_fraction <= 1.0:
-        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}.")
+    for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"{name} must be between 0 and 1, got {fraction}.")
+    if val_fraction + test_fraction > 1.0:
+        raise ValueError(f"val_fraction + test_fraction must be at most 1, got {val_fraction} + {test_fraction}.")
     point = int.from_bytes(hashlib.sha256((salt + content_hash).encode()).digest(), "big")
-    return "val" if point < val_fraction * 2**256 else "train"
+    if point < test_fraction * 2**256:
+        return "test"
+    return "val" if point < (test_fraction + val_fraction) * 2**256 else "train"
 
 
 # ---------------------------------------------------------------------------------------------------------------

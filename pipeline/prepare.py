@@ -1,8 +1,9 @@
 """Stage `prepare`: validate a raw image-caption folder and write a resized, split dataset.
 
 Every item is checked; every rejected, converted or truncated item is listed in `reports/data_validation.json`,
-with the identity (digests) of the source and of the prepared data. The train/validation split is decided by each
-image's content hash, so an image keeps its split as the data grows.
+with the identity (digests) of the source and of the prepared data. The train/validation/test split is decided by
+each image's content hash, so an image keeps its split as the data grows (`ingest.split_of`). `validation` serves
+early stopping, checkpoint choice and tuning; `test` is read only by evaluate and the gate (train never reads it).
 
 Work is cached by content: each source file's sha256 (remembered by size, mtime and inode, as git's index does)
 plus the preparation settings name one entry of the cache, holding the prepared PNG and what was learnt about the
@@ -56,7 +57,8 @@ from pipeline.ingest import (
     split_of,
 )
 
-SPLITS = {"train": "train", "val": "validation"}
+# split_of's names -> the prepared folders (the names diffusion.TRAIN / VALIDATION / TEST).
+SPLITS = {"train": "train", "val": "validation", "test": "test"}
 # Bump when the meaning of a cache entry changes in a way the code digest below would not catch.
 CACHE_FORMAT = 1
 # Progress bars only for runs this long: a few images finish before a bar would be read.
@@ -238,7 +240,7 @@ class PreparedItem:
     png_sha256: str
     caption: str
     sha256: str  # content hash of the decoded source pixels
-    split: str  # "train" or "validation"
+    split: str  # "train", "validation" or "test"
     source: str  # path relative to the source folder
     width: int
     height: int
@@ -277,7 +279,7 @@ class Prepared:
     work: dict[str, int] = field(default_factory=dict)  # files hashed, images decoded, cache entries reused
 
     def digest(self) -> str:
-        """Identity of the prepared data as training sees it: every row of both splits and its PNG's bytes."""
+        """Identity of the prepared data: every row of every split and its PNG's bytes."""
         rows = sorted((i.split, i.file_name, i.caption, i.png_sha256, i.width, i.height, i.sha256) for i in self.items)
         return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
@@ -294,6 +296,7 @@ class Prepared:
             "captions_truncated": len(self.truncated),
             "train": splits["train"],
             "validation": splits["validation"],
+            "test": splits["test"],
         }
 
     def report(self) -> dict[str, Any]:
@@ -308,6 +311,7 @@ class Prepared:
                 "items": counts["accepted"],
                 "train": counts["train"],
                 "validation": counts["validation"],
+                "test": counts["test"],
             },
             "rejected_by_reason": dict(sorted(reasons.items())),
             "rejected": [{"path": r.path, "reason": r.reason, "detail": r.detail} for r in self.rejected],
@@ -405,7 +409,7 @@ def prepare(
                 png_sha256=record["png_sha256"],
                 caption=caption,
                 sha256=record["sha256"],
-                split=SPLITS[split_of(record["sha256"], params.val_fraction, params.split_salt)],
+                split=SPLITS[split_of(record["sha256"], params.val_fraction, params.split_salt, params.test_fraction)],
                 source=rel,
                 width=width,
                 height=height,
@@ -416,8 +420,35 @@ def prepare(
     return result
 
 
+def split_problem(counts: dict[str, int], params: DataParams) -> str | None:
+    """Why these split counts cannot be trained and evaluated (an empty split), naming the key to change; else None.
+
+    Each split needs an image: train fits, validation chooses (early stopping, checkpoints), test judges (the gate).
+    """
+    n = counts["accepted"]
+    if n < 3:
+        return (
+            f"{n} image(s) accepted, but train, validation and test need at least one each: add images "
+            f"(a few dozen give usable splits; see reports/data_validation.json for what was rejected)."
+        )
+    empty = [split for split in ("train", "validation", "test") if not counts[split]]
+    if not empty:
+        return None
+    fractions = f"data.val_fraction: {params.val_fraction}, data.test_fraction: {params.test_fraction}"
+    split = empty[0]
+    if split == "train":
+        fix = "lower data.val_fraction or data.test_fraction"
+    else:
+        fix = f"raise data.{'val' if split == 'validation' else 'test'}_fraction"
+    shares = ", ".join(f"{counts[s]} {s}" for s in ("train", "validation", "test"))
+    return (
+        f"the {split} split is empty: {n} images accepted ({shares}) with {fractions}. "
+        f"Add images, {fix}, or change data.split_salt to draw the split again."
+    )
+
+
 def write_prepared(prepared: Prepared, out: Path) -> None:
-    """`<out>/{train,validation}/` in the imagefolder layout, written to a temporary folder then renamed."""
+    """`<out>/{train,validation,test}/` in the imagefolder layout, written to a temporary folder then renamed."""
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     rows: dict[str, list[str]] = {split: [] for split in SPLITS.values()}
@@ -460,7 +491,7 @@ def dataset_for_mlflow(report: dict[str, Any]) -> tuple[str, str, str, dict[str,
         "source_digest": identity["source_digest"],
         "prepared_digest": identity["prepared_digest"],
         "layout": report["layout"],
-        **{key: report["counts"][key] for key in ("found", "accepted", "rejected", "train", "validation")},
+        **{key: report["counts"][key] for key in ("found", "accepted", "rejected", "train", "validation", "test")},
     }
     if "buckets" in report:
         profile["buckets"] = report["buckets"]
@@ -523,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
     counts, work = report["counts"], report["work"]
     print(
         f"{args.source} ({prepared.layout} layout): {counts['found']} found, {counts['accepted']} accepted "
-        f"({counts['train']} train / {counts['validation']} validation), {counts['rejected']} rejected, "
+        f"({counts['train']} train / {counts['validation']} validation / {counts['test']} test), "
+        f"{counts['rejected']} rejected, "
         f"{counts['converted']} converted, {counts['captions_truncated']} captions truncated; "
         f"{work['images_decoded']} images decoded, {work['cache_reused']} from the cache; report: {args.report}"
     )
@@ -537,12 +569,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    if not counts["train"] or not counts["validation"]:
-        print(
-            f"error: the split has an empty side ({counts['train']} train, {counts['validation']} validation): "
-            f"add images or change data.val_fraction. Nothing was written to {args.out}.",
-            file=sys.stderr,
-        )
+    problem = split_problem(counts, params.data)
+    if problem:
+        print(f"error: {problem} Nothing was written to {args.out}.", file=sys.stderr)
         return 1
     write_prepared(prepared, args.out)
     return 0

@@ -280,13 +280,14 @@ def render(results: list[Any], eval_set: Any, summary: dict[str, Any], cis: dict
             "evaluate.image_features to real models for numbers you can act on. val_loss is meaningful.</p>"
         )
     out.append(
-        f"<p>Evaluation set <code>{ev['eval_set_hash'][:16]}</code>: {ev['n_validation_images']} held-out images, "
-        f"{ev['n_train_images']} training images, {ev['n_generated_per_model']} generated images per model "
+        f"<p>Evaluation set <code>{ev['eval_set_hash'][:16]}</code>: {ev['n_test_images']} held-out images "
+        f"from the <b>{html.escape(ev['split'])}</b> split (never read by training, early stopping or checkpoint "
+        f"choice), {ev['n_train_images']} training images, {ev['n_generated_per_model']} generated images per model "
         f"({p.images_per_prompt} seeds per prompt) + {ev['n_general_per_model']} for forgetting, "
         f"{p.num_inference_steps} scheduler steps, guidance {p.guidance_scale}. Extractors: CLIP "
         f"<code>{html.escape(p.clip_model)}</code>, image features <code>{html.escape(p.image_features)}</code>.</p>"
     )
-    out.append("<h2>Metrics</h2>")
+    out.append(f'<h2 id="metrics">Metrics (on the {html.escape(ev["split"])} split)</h2>')
     if len(names) >= 2:
         out.append(
             f"<p>Intervals: paired percentile bootstrap of the mean per-sample difference {html.escape(names[-1])} "
@@ -316,7 +317,7 @@ def render(results: list[Any], eval_set: Any, summary: dict[str, Any], cis: dict
         out.append("<h2>Prompt adherence (zero-shot CLIP over the label vocabulary)</h2>")
         out.append(adherence_table(names, values, p.label_vocabulary))
 
-    out.append("<h2>Training curve</h2>")
+    out.append("<h2>Training curve (train loss on the train split, val_loss on the validation split)</h2>")
     if curve is not None and curve.is_file():
         out.append(curve_svg(read_curve(curve)))
     else:

@@ -39,6 +39,8 @@ from tqdm.auto import tqdm
 from pipeline import checkpoint, encoded, env
 from pipeline.config import Params, ParamsError, TrainParams, load_params, resolve_model
 from pipeline.diffusion import (
+    TRAINING_SPLITS,
+    VALIDATION,
     Components,
     Split,
     diffusion_target,
@@ -1196,6 +1198,7 @@ def write_reports(result: TrainResult, report_dir: Path) -> None:
     # Not asdict(): it would deep-copy the models and images it then drops.
     skip = ("models", "history", "samples")
     summary = {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name not in skip}
+    summary["val_split"] = VALIDATION  # every val_loss here (best, initial, curve) is on the validation split
     (report_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     folder = report_dir / "samples"
     shutil.rmtree(folder, ignore_errors=True)
@@ -1216,7 +1219,8 @@ def data_identity(*splits: Split | None) -> list[list[tuple[str, str]]]:
 def run(params: Params, root: Path, args: argparse.Namespace) -> tuple[TrainResult, Components, tuple[Split, Split]]:
     model = resolve_model(params, root)
     components = load_components(model, params.base.revision)
-    train_split, val_split = read_split(args.prepared / "train"), read_split(args.prepared / "validation")
+    # Train reads train and validation only, never `TEST` (evaluate's and the gate's): see diffusion.TRAINING_SPLITS.
+    train_split, val_split = (read_split(args.prepared / split) for split in TRAINING_SPLITS)
     class_split = None
     if params.train.prior_preservation.enabled:
         from pipeline.prior import class_images
@@ -1274,7 +1278,7 @@ def load_precomputed(
     """The encode stage's output when it matches this base model and prepared data, else None (and why)."""
     index = encoded.read_index(folder)
     if index is not None and index.get("enabled"):
-        digests = {split: encoded.split_digest(prepared / split) for split in ("train", "validation")}
+        digests = {split: encoded.split_digest(prepared / split) for split in TRAINING_SPLITS}
         ok, why = encoded.usable(index, encoded.model_fingerprint(components), digests, random_flip)
     else:
         ok, why = encoded.usable(index, "", {}, random_flip)

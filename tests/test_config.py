@@ -47,6 +47,8 @@ def test_unknown_key_names_file_key_and_line(tmp_path: Path) -> None:
         ("data", "resolution", 60, "multiple of 8"),
         ("data", "on_invalid", "ignore", "'data.on_invalid'"),
         ("train", "mixed_precision", "fp8", "'train.mixed_precision'"),
+        ("data", "test_fraction", 0, "'data.test_fraction'"),
+        ("data", "test_fraction", 0.8, "val_fraction (0.2) + test_fraction (0.8) must be below 1"),
     ],
 )
 def test_wrong_values_are_errors(tmp_path: Path, section: str, key: str, value: object, expected: str) -> None:

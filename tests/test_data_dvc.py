@@ -96,7 +96,9 @@ def project(tmp_path: Path, tokenizer: Path) -> Path:
     plots = [p for p in stages["plots"] if str(next(iter(p)) if isinstance(p, dict) else p).startswith("reports/data")]
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"prepare": stages["stages"]["prepare"]}, "plots": plots}))
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    for key, value in {"source": "data/raw", "resolution": 32, "min_size": 16, "val_fraction": 0.5}.items():
+    # Thirds: under the default salt, every set of these tests (4 to 7 images) fills all three splits.
+    data = {"source": "data/raw", "resolution": 32, "min_size": 16, "val_fraction": 1 / 3, "test_fraction": 1 / 3}
+    for key, value in data.items():
         set_param(root, f"data.{key}", value)
     add_images(root / "data" / "raw", 0, 6)
     # The tokenizer is built once per session; the stage would otherwise build it in each new project (5 s).
@@ -175,6 +177,14 @@ def test_new_images_rerun_every_stage_downstream_and_nothing_else_does(tmp_path:
     out = dvc(project, "repro")
     assert all(f"Running stage '{s}'" in out for s in stages), out
     assert "Running stage" not in dvc(project, "repro")  # nothing changed: nothing runs
+    prepared = project / "data" / "prepared"
     add_images(project / "data" / "demo", 1000, 1)  # one new image and caption in the source folder
     out = dvc(project, "repro")
     assert all(f"Running stage '{s}'" in out for s in stages), out
+    assert "picture number 1000" in (prepared / "train" / "metadata.jsonl").read_text()  # (its content hash says)
+    # A new test image changes what evaluate measures on, not what train reads: encode and train do not re-run.
+    add_images(project / "data" / "demo", 1015, 1)
+    out = dvc(project, "repro")
+    assert "picture number 1015" in (prepared / "test" / "metadata.jsonl").read_text()
+    assert "Running stage 'prepare'" in out and "Running stage 'evaluate'" in out, out
+    assert "Running stage 'encode'" not in out and "Running stage 'train'" not in out, out

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,11 @@ from pipeline.demo_data import BACKGROUNDS, COLOURS, draw_shape
 from pipeline.diffusion import Split, read_split
 
 RESOLUTION = 32
+# The held-out images evaluate measures on: written as the prepared `test` split (the name predates three splits).
 VALIDATION = [("red", "circle", "white"), ("blue", "square", "black"), ("green", "triangle", "white")] * 2
-TRAIN = [(c, s, b) for c in ("red", "yellow") for s in ("circle", "square", "triangle") for b in ("white", "black")]
+# Train's own validation split: other images, of another count, which evaluate must not read.
+TRAIN_VALIDATION = [("purple", "square", "white"), ("red", "triangle", "black"), ("blue", "circle", "white")]
+TRAIN = [(c, s, b) for c in ("red", "purple") for s in ("circle", "square", "triangle") for b in ("white", "black")]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -65,7 +70,8 @@ def _write_split(folder: Path, items: list[tuple[str, str, str]], seed: int) -> 
 def project(tmp_path_factory: pytest.TempPathFactory, tiny_sd: Path) -> Path:
     """A folder with params.yaml, a prepared dataset and the tiny base model."""
     root = tmp_path_factory.mktemp("evaluate-project")
-    _write_split(root / "prepared" / "validation", VALIDATION, seed=1)
+    _write_split(root / "prepared" / "test", VALIDATION, seed=1)
+    _write_split(root / "prepared" / "validation", TRAIN_VALIDATION, seed=3)
     _write_split(root / "prepared" / "train", TRAIN, seed=2)
     write_params(root, tiny_sd)
     return root
@@ -204,6 +210,43 @@ def test_cli_side_outputs(cli_run: Path, project: Path) -> None:
     assert 'id="plumbing-warning"' in html and 'id="curve"' in html and html.count("data:image/png;base64,") >= 20
 
 
+def test_cli_measures_on_the_test_split_and_says_so(cli_run: Path) -> None:
+    """Every number comes from the 6 test images, not the 3 validation ones train chose with; each output says so."""
+    summary = json.loads((cli_run / "metrics.json").read_text())
+    ev = summary["evaluation"]
+    assert ev["split"] == "test" and ev["n_test_images"] == 6 and ev["fid_n_real"] == 6
+    assert "test split" in ev["metric_data"]["val_loss"] and "validation split" in ev["metric_data"]["val_loss"]
+    samples = json.loads((cli_run / "eval" / "samples.json").read_text())
+    assert len(samples["candidate"]["val_loss"]) == len(samples["base"]["val_loss"]) == 6
+    html = (cli_run / "eval" / "report.html").read_text()
+    assert '<h2 id="metrics">Metrics (on the test split)</h2>' in html
+    assert "6 held-out images from the <b>test</b> split" in html
+    assert "val_loss on the validation split" in html  # the training curve's heading
+
+
+def test_eval_set_hash_covers_the_split(project: Path) -> None:
+    """A baseline measured on another split (e.g. validation, before the test split existed) never matches."""
+    params = load_params(project / "params.yaml").evaluate
+    eval_set = evaluate.build_eval_set(read_split(project / "prepared" / "test"), params, RESOLUTION)
+    assert eval_set.split == "test"
+    assert dataclasses.replace(eval_set, split="validation").digest() != eval_set.digest()
+
+
+def test_prepared_data_without_a_test_split_says_to_rerun_prepare(
+    tmp_path: Path, project: Path, degraded_adapter: Path, capsys
+) -> None:
+    """A workspace prepared before data.test_fraction existed (train and validation only): a message, not a crash."""
+    old = tmp_path / "prepared"
+    for split in ("train", "validation"):
+        shutil.copytree(project / "prepared" / split, old / split)
+    args = ["--params", str(project / "params.yaml"), "--prepared", str(old), "--adapter", str(degraded_adapter)]
+    assert evaluate.main([*args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {old} has no 'test' split: it was prepared before data.test_fraction existed" in err
+    assert "re-run prepare (`dvc repro prepare`" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_champion_run_is_comparable_with_the_candidate_run(cli_run: Path, project: Path, degraded_adapter: Path):
     """What the gate does for a champion: --no-base --name champion on the same set gives the same hash and values."""
     out = project / "champion"
@@ -253,7 +296,7 @@ def test_missing_real_extractor_weights_stop_the_cli_with_the_file_to_place(
 @pytest.fixture(scope="module")
 def harness(project: Path, pipe: Any) -> dict[str, Any]:
     params = load_params(project / "params.yaml").evaluate
-    validation = read_split(project / "prepared" / "validation")
+    validation = read_split(project / "prepared" / "test")
     train = read_split(project / "prepared" / "train")
     eval_set = evaluate.build_eval_set(validation, params, RESOLUTION, train)
     extractors = evaluate.build_extractors(params, pipe.tokenizer)
@@ -296,7 +339,7 @@ def test_degraded_model_gives_a_val_loss_interval_excluding_zero(
 
 def test_eval_set_hash_follows_metric_settings_not_report_settings(project: Path) -> None:
     params = load_params(project / "params.yaml").evaluate
-    validation = read_split(project / "prepared" / "validation")
+    validation = read_split(project / "prepared" / "test")
     train = read_split(project / "prepared" / "train")
 
     def digest(**changes: Any) -> str:

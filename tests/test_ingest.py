@@ -519,8 +519,42 @@ def test_split_is_stable_when_the_dataset_grows():
 def test_split_extremes_and_bad_fraction():
     assert {split_of(str(i), 0.0) for i in range(50)} == {"train"}
     assert {split_of(str(i), 1.0) for i in range(50)} == {"val"}
+    assert {split_of(str(i), 0.0, test_fraction=1.0) for i in range(50)} == {"test"}
     with pytest.raises(ValueError, match="between 0 and 1"):
         split_of("abc", 1.5)
+    with pytest.raises(ValueError, match="test_fraction must be between 0 and 1"):
+        split_of("abc", 0.2, test_fraction=-0.1)
+    with pytest.raises(ValueError, match="val_fraction \\+ test_fraction must be at most 1"):
+        split_of("abc", 0.6, test_fraction=0.6)
+
+
+HASHES = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(3000)]
+
+
+def test_three_splits_are_disjoint_with_the_right_proportions():
+    splits = {h: split_of(h, 0.2, "sdft", test_fraction=0.1) for h in HASHES}
+    shares = {name: sum(s == name for s in splits.values()) / len(HASHES) for name in ("train", "val", "test")}
+
+    assert set(splits.values()) == {"train", "val", "test"}  # one split per image: disjoint by construction
+    # Binomial standard error at n = 3000 is under 0.01: 0.03 is a 3-sigma band and more.
+    assert abs(shares["train"] - 0.7) < 0.03 and abs(shares["val"] - 0.2) < 0.03 and abs(shares["test"] - 0.1) < 0.03
+
+
+def test_each_image_keeps_its_split_of_three_when_the_dataset_grows():
+    before = {h: split_of(h, 0.2, "sdft", 0.2) for h in HASHES[:1000]}
+    after = {h: split_of(h, 0.2, "sdft", 0.2) for h in HASHES}  # 2000 new images
+
+    assert {h: after[h] for h in before} == before
+    assert set(before.values()) == {"train", "val", "test"}
+
+
+def test_test_band_is_stable_when_val_fraction_changes_and_is_the_former_validation_set():
+    # Tuning val_fraction never moves an image into or out of the test set (the gate's evaluation set).
+    tests = [{h for h in HASHES if split_of(h, val, "sdft", 0.2) == "test"} for val in (0.1, 0.2, 0.4)]
+    assert tests[0] == tests[1] == tests[2]
+    # Going from two splits to three with test_fraction = the former val_fraction: the test set is exactly the
+    # former validation set, which the earlier champion was never trained on.
+    assert tests[1] == {h for h in HASHES if split_of(h, 0.2, "sdft") == "val"}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -17,9 +17,11 @@ import yaml
 from PIL import Image
 
 from pipeline.config import DataParams
-from pipeline.prepare import clip_token_counter, dataset_for_mlflow, main, prepare, write_prepared
+from pipeline.prepare import clip_token_counter, dataset_for_mlflow, main, prepare, split_problem, write_prepared
 
 REPO = Path(__file__).resolve().parents[1]
+# Thirds, with a salt under which the few images of these tests (6 to 24) fill all three splits.
+SPLIT = {"val_fraction": 1 / 3, "test_fraction": 1 / 3, "split_salt": "t0"}
 LONG_CAPTION = "word " * 90  # 92 tokens with BOS and EOS, for the toy counter and for CLIP alike
 
 
@@ -45,7 +47,8 @@ def toy_count(text: str) -> int:
 
 def data_params(**overrides) -> DataParams:
     """Small sizes so tests run in milliseconds: 32 px output, 16 px minimum, 10,000-pixel bomb guard."""
-    values = {"source": "unused", "resolution": 32, "min_size": 16, "max_pixels": 10_000, "val_fraction": 0.5}
+    values = {"source": "unused", "resolution": 32, "min_size": 16, "max_pixels": 10_000}
+    values |= SPLIT
     return DataParams.model_validate(values | overrides)
 
 
@@ -138,7 +141,8 @@ def cache(tmp_path: Path, tokenizer_cache: Path) -> Path:
 def write_params(path: Path, **data_overrides) -> Path:
     """The repository's params.yaml with test-sized data settings."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"] |= {"resolution": 32, "min_size": 16, "max_pixels": 10_000, "val_fraction": 0.5}
+    params["data"] |= {"resolution": 32, "min_size": 16, "max_pixels": 10_000}
+    params["data"] |= SPLIT
     params["data"] |= data_overrides
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
@@ -155,7 +159,7 @@ def run_cli(tmp_path: Path, source: Path, cache: Path, *extra: str, **data_overr
 def read_prepared(out: Path) -> dict[str, list[dict]]:
     return {
         split: [json.loads(line) for line in (out / split / "metadata.jsonl").read_text().splitlines()]
-        for split in ("train", "validation")
+        for split in ("train", "validation", "test")
     }
 
 
@@ -178,7 +182,8 @@ def test_prepare_rejects_each_bad_item_for_its_reason_and_keeps_the_rest(tmp_pat
     assert counts["found"] == 25  # 24 metadata lines, of which g1.png twice, and the unlisted stray.png
     assert counts["accepted"] == 13 and counts["rejected"] == 12 and counts["exact_duplicates"] == 1
     assert counts["converted"] == 4 and counts["captions_truncated"] == 1
-    assert counts["train"] + counts["validation"] == 13 and counts["train"] and counts["validation"]
+    assert counts["train"] + counts["validation"] + counts["test"] == 13
+    assert counts["train"] and counts["validation"] and counts["test"]
     assert all((item.width, item.height) == (32, 32) for item in result.items)
     assert result.layout == "imagefolder"
 
@@ -248,7 +253,7 @@ def test_cli_skip_policy_writes_the_good_items_and_reports_every_rejection(tmp_p
     assert report["layout"] == "imagefolder" and report["source"] == str(source)
 
     prepared = read_prepared(tmp_path / "prepared")
-    rows = prepared["train"] + prepared["validation"]
+    rows = prepared["train"] + prepared["validation"] + prepared["test"]
     assert len(rows) == 13 and {r["source"] for r in rows} >= {"cmyk.jpg", "long.png"}
     rotated = next(r for r in rows if r["source"] == "rotated.jpg")
     assert (rotated["original_width"], rotated["original_height"]) == (32, 64)  # as displayed, EXIF applied
@@ -269,14 +274,43 @@ def test_cli_bad_source_is_a_data_error(tmp_path, cache, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_cli_empty_split_side_is_an_error(tmp_path, cache, capsys):
+def test_cli_too_few_images_for_three_splits_is_an_error_that_asks_for_images(tmp_path, cache, capsys):
     source = tmp_path / "raw"
-    write_jsonl(source / "metadata.jsonl", good_images(source, 1))  # one image cannot be split in two
+    write_jsonl(source / "metadata.jsonl", good_images(source, 1))  # one image cannot be split in three
 
     assert run_cli(tmp_path, source, cache) == 1
 
-    assert "the split has an empty side" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "1 image(s) accepted, but train, validation and test need at least one each: add images" in err
+    assert "fraction" not in err  # no fraction setting can split one image: do not send the user there
+    assert "Nothing was written" in err and not (tmp_path / "prepared").exists()
+
+
+def test_cli_empty_test_split_names_test_fraction_and_the_image_count(tmp_path, cache, capsys):
+    source = tmp_path / "raw"
+    write_jsonl(source / "metadata.jsonl", good_images(source, 6))
+
+    assert run_cli(tmp_path, source, cache, val_fraction=0.4, test_fraction=0.001) == 1
+
+    err = capsys.readouterr().err
+    assert "the test split is empty: 6 images accepted (" in err and "0 test)" in err
+    assert "data.test_fraction: 0.001" in err and "raise data.test_fraction" in err
     assert not (tmp_path / "prepared").exists()
+
+
+@pytest.mark.parametrize(
+    ("counts", "expected"),
+    [
+        ({"train": 5, "validation": 0, "test": 2}, "the validation split is empty: 7 images accepted"),
+        ({"train": 0, "validation": 2, "test": 2}, "lower data.val_fraction or data.test_fraction"),
+        ({"train": 2, "validation": 0, "test": 1}, "raise data.val_fraction"),
+        ({"train": 0, "validation": 1, "test": 0}, "1 image(s) accepted, but train, validation and test need"),
+        ({"train": 3, "validation": 1, "test": 1}, None),
+    ],
+)
+def test_split_problem_names_the_empty_split_and_what_to_change(counts, expected):
+    problem = split_problem(counts | {"accepted": sum(counts.values())}, data_params())
+    assert problem is None if expected is None else expected in problem
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -354,7 +388,7 @@ def test_images_keep_their_split_when_the_source_grows(tmp_path, cache):
 
     assert len(before) == 12 and len(after) == 24
     assert {h: after[h] for h in before} == before
-    assert set(before.values()) == set(after.values()) == {"train", "validation"}
+    assert set(before.values()) == set(after.values()) == {"train", "validation", "test"}
 
 
 def test_second_run_decodes_only_new_or_changed_images(tmp_path):
@@ -378,13 +412,14 @@ def test_second_run_decodes_only_new_or_changed_images(tmp_path):
     assert again.digest() == fresh.digest() == grown.digest() != cold.digest()
     write_prepared(again, tmp_path / "a")
     write_prepared(fresh, tmp_path / "b")
-    for split in ("train", "validation"):
+    for split in ("train", "validation", "test"):
         for file in (tmp_path / "a" / split).iterdir():
             assert file.read_bytes() == (tmp_path / "b" / split / file.name).read_bytes()
 
     # Settings that change the pixels are part of the key; the split and captions are not.
     assert prepare(source, data_params(resolution=24), cache, toy_count).work["images_decoded"] == 13
     assert prepare(source, data_params(val_fraction=0.3), cache, toy_count).work["images_decoded"] == 0
+    assert prepare(source, data_params(test_fraction=0.1), cache, toy_count).work["images_decoded"] == 0
 
 
 def test_rejected_files_are_remembered_too(tmp_path):
@@ -438,7 +473,7 @@ def test_report_identity_and_the_mlflow_dataset_fields(tmp_path, cache):
     report = json.loads((tmp_path / "reports" / "data_validation.json").read_text())
 
     identity = report["identity"]
-    assert set(identity) == {"source_digest", "prepared_digest", "items", "train", "validation"}
+    assert set(identity) == {"source_digest", "prepared_digest", "items", "train", "validation", "test"}
     assert len(identity["source_digest"]) == len(identity["prepared_digest"]) == 64
 
     name, digest, uri, profile = dataset_for_mlflow(report)

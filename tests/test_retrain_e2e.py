@@ -75,6 +75,10 @@ def test_retrain_promotes_then_rejects_a_worse_model(promoted, monkeypatch: pyte
     assert gate["promote"] is True and gate["baseline_kind"] == "base"
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
     assert metrics["candidate"]["val_loss"] < metrics["base"]["val_loss"]
+    # The gate compared on the test split (the demo's 8 test images), which train never read; every report says so.
+    assert metrics["evaluation"]["split"] == gate["split"] == "test" and gate["n_test_images"] == 8
+    assert "Measured on the `test` split (8 images" in (project / "reports" / "gate.md").read_text()
+    assert not (project / "data" / "encoded" / "test.safetensors").exists()
 
     client = mlflow_client(project, monkeypatch)
     champion = client.get_model_version_by_alias(MODEL, "champion")
@@ -82,8 +86,10 @@ def test_retrain_promotes_then_rejects_a_worse_model(promoted, monkeypatch: pyte
     assert champion.tags["sdft.decision"] == "promote"
     assert champion.tags["mlflow.source.git.commit"]
     assert "val_loss" in champion.description  # the gate report travels with the version
+    assert champion.tags["sdft.eval_split"] == "test"
     (run1,) = runs(client)
     assert run1.data.tags["sdft.decision"] == "promote"
+    assert run1.data.tags["sdft.eval_split"] == "test" and run1.data.tags["sdft.train_val_split"] == "validation"
     assert run1.data.metrics["eval.val_loss"] == pytest.approx(metrics["candidate"]["val_loss"], rel=1e-5)
     # Training logged as it ran: its cost, and the sample grid of step 50 (train.sample_every) as an image by step.
     assert run1.data.metrics["train.flops_per_image"] > 0 and "train.images_per_s" in run1.data.metrics
@@ -112,6 +118,7 @@ def test_retrain_promotes_then_rejects_a_worse_model(promoted, monkeypatch: pyte
     gate = json.loads((project / "reports" / "gate.json").read_text())
     assert gate["promote"] is False
     assert gate["baseline_kind"] == "champion" and gate["champion_version"] == "1"
+    assert gate["split"] == "test" and not gate["baseline_from_cache"]  # the champion measured on the test split
     (check,) = gate["checks"]
     assert check["metric"] == "val_loss" and check["passed"] is False
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
