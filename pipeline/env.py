@@ -7,6 +7,7 @@ library phones home and every tool agrees on the tracking store.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 # Switches that keep the whole stack quiet and offline. `setdefault`: a user who wants the hub (to download real
@@ -41,6 +42,18 @@ def tracking_uri(root: Path | None = None) -> str:
     if uri:
         return uri
     return f"sqlite:///{(root or project_root()) / 'mlflow' / 'mlflow.db'}"
+
+
+# `scheme://user:password@` (or `scheme://token@`): the user-info part of any URI, wherever it appears in a text.
+_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#@\s]+@")
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of every URI in it removed (`http://user:pw@host` -> `http://host`).
+
+    Use it wherever a URI is shown or stored: messages, logs, reports, tags, artifacts, printed commands.
+    """
+    return _CREDENTIALS.sub(r"\1", text)
 
 
 def artifact_root(root: Path | None = None) -> str:
