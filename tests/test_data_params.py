@@ -57,6 +57,7 @@ def test_bad_bucketing_is_named(tmp_path, bucketing, expected):
 
 def test_manifest_is_found_relative_to_the_source(tmp_path):
     (tmp_path / "models" / "tiny-sd").mkdir(parents=True)
+    (tmp_path / "models" / "tiny-sd" / "model_index.json").write_text("{}")
     (tmp_path / "data" / "raw").mkdir(parents=True)
     path = write_params(tmp_path, source="data/raw", layout="manifest", manifest="list.csv")
 
