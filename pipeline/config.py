@@ -7,8 +7,9 @@ file, the dotted key, its line, and what to do, before any work starts.
 from __future__ import annotations
 
 import os
+import posixpath
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -17,6 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.gate import GatePolicy
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _escapes(relative: str) -> bool:
+    """Whether a relative path leaves its folder (`../x`, `a/../../x`)."""
+    return posixpath.normpath(relative.replace("\\", "/")).split("/")[0] == ".."
 
 
 class ParamsError(ValueError):
@@ -92,6 +98,18 @@ class DataParams(_Section):
                 "must be a local folder: a DVC stage cannot depend on a URI. Import it first with "
                 f"`dvc import-url {value} data/raw` (later `dvc update data/raw.dvc` fetches new files) "
                 "and set data.source: data/raw; see docs/data.md"
+            )
+        return value
+
+    @field_validator("manifest")
+    @classmethod
+    def _inside_source(cls, value: str | None) -> str | None:
+        # DVC tracks data.source (the prepare stage's dep), not a file elsewhere: a manifest outside it would be read,
+        # yet editing it would not re-run prepare.
+        if value is not None and (PurePosixPath(value).is_absolute() or os.path.isabs(value) or _escapes(value)):
+            raise ValueError(
+                "must be a path inside data.source, relative to it: DVC tracks data.source, so a manifest elsewhere "
+                "would be read but editing it would not re-run prepare. Move the file into data.source"
             )
         return value
 
