@@ -85,7 +85,7 @@ def validate(root: Path) -> Params:
 @task(name="open MLflow run", retries=3, retry_delay_seconds=[2, 5, 10])
 def open_run(root: Path) -> str:
     """One MLflow run per retrain, tagged with the Prefect flow run."""
-    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw = yaml.safe_load(env.redact((root / "params.yaml").read_text()))  # e.g. data.source: https://user:pw@...
     commit, dirty = promotion.git_state(root)
     tags = {
         "sdft.prefect_flow_run_id": str(flow_run.get_id() or ""),
@@ -116,9 +116,28 @@ def run_stage(root: Path, stage: str, run_id: str) -> None:
             _stop_tree(process.pid)
             raise
     logger = get_run_logger()
-    logger.info("%s", out_file.read_text()[-4000:])
+    logger.info("%s", env.redact(out_file.read_text()[-4000:]))
     if process.returncode != 0:
-        raise RuntimeError(f"stage '{stage}' failed (exit {process.returncode}):\n{err_file.read_text()[-4000:]}")
+        logger.warning("%s", restore_outputs(root, stage))
+        raise RuntimeError(
+            f"stage '{stage}' failed (exit {process.returncode}):\n{env.redact(err_file.read_text()[-4000:])}"
+        )
+
+
+def restore_outputs(root: Path, stage: str) -> str:
+    """After a failed stage, put back its last good outputs (`dvc checkout <stage>`); return what happened.
+
+    DVC deletes a stage's cached outputs before running its command, so a failed `prepare` would leave no
+    data/prepared (and a failed `train` no models/adapter). dvc.lock still names the last good ones, and the cache
+    holds them. Stages that ran fine in this repro are already what dvc.lock says: only the failed stage changes.
+    """
+    done = subprocess.run([_tool("dvc"), "checkout", stage], cwd=root, capture_output=True, text=True)
+    if done.returncode == 0:
+        return f"restored the last good outputs of '{stage}' (dvc checkout {stage})"
+    return (
+        f"could not restore the outputs of '{stage}' (the first run of a stage has none to restore): "
+        f"{env.redact(done.stderr.strip()[-500:])}"
+    )
 
 
 def _stop_tree(pid: int, grace_s: float = 10) -> None:
@@ -262,7 +281,7 @@ def run_gate(root: Path, params: Params) -> promotion.GateOutcome:
 
 def mlflow_links(run_id: str, model_name: str, version: str | None) -> str:
     """Markdown links to the MLflow run and model version (a local store: open `sdft ui` first)."""
-    uri = env.tracking_uri()
+    uri = env.redact(env.tracking_uri())  # a link is shown and stored: never with user:password
     remote = uri.startswith(("http://", "https://"))
     base = uri.rstrip("/") if remote else os.environ.get("SDFT_MLFLOW_UI", "http://127.0.0.1:5000")
     experiment = registry.experiment_id()
@@ -298,7 +317,7 @@ def publish(root: Path, params: Params, entry: dict[str, Any], gate_report: str)
 def report_failure(flow: Any, run: Any, state: State) -> None:
     """on_failure / on_crashed hook: record the failed retrain and send the failure message."""
     root = Path(run.parameters.get("project", ".")).resolve()
-    reason = state.message or state.name
+    reason = env.redact(state.message or state.name)
     entry = {"flow_run": str(run.id), "flow_run_name": run.name, "trigger": run.parameters.get("trigger", "manual")}
     entry = record(root, entry | {"outcome": "failed", "reason": reason})
     notify.send(notify.settings_of(root), "failed", f"sdft retrain failed ({run.name}): {reason}", entry)
