@@ -47,7 +47,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def ui_command(root: Path) -> str:
-    return f"mlflow ui --backend-store-uri {env.tracking_uri(root)} --host 127.0.0.1 --port 5000"
+    return f"mlflow ui --backend-store-uri {env.redact(env.tracking_uri(root))} --host 127.0.0.1 --port 5000"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -64,7 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         result = retrain(project=str(root), dry_run=args.dry_run, trigger=args.trigger)
     except Exception as exc:  # the flow has logged the traceback; the registry was not touched
-        print(f"error: the retrain failed, nothing was promoted: {exc}", file=sys.stderr)
+        print(f"error: the retrain failed, nothing was promoted: {env.redact(str(exc))}", file=sys.stderr)
         return 1
     if result.skipped:
         print(f"SKIPPED: {result.reason}")
@@ -100,10 +100,11 @@ def _registry_call(call: Any) -> int:
     try:
         call()
     except (RegistryError, RegistryUnavailable) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {env.redact(str(exc))}", file=sys.stderr)
         return 1
     except MlflowException as exc:  # e.g. PERMISSION_DENIED from a server with auth
-        print(f"error: the tracking server refused ({exc.error_code}): {exc.message[:500]}", file=sys.stderr)
+        message = env.redact(exc.message[:500])
+        print(f"error: the tracking server refused ({exc.error_code}): {message}", file=sys.stderr)
         return 1
     return 0
 
@@ -260,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("SDFT_ROOT", str(Path(args.project).resolve()))
     env.configure()
+    env.exit_on_sigterm()  # e.g. during start-up, before Prefect's flow engine installs its own handler
     return args.func(args)
 
 

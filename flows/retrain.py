@@ -404,4 +404,5 @@ def retrain(project: str = ".", dry_run: bool = False, trigger: Trigger = "manua
 
 
 if __name__ == "__main__":
+    env.exit_on_sigterm()
     retrain()

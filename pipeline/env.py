@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 # Switches that keep the whole stack quiet and offline. `setdefault`: a user who wants the hub (to download real
 # SD weights on their own machine) exports HF_HUB_OFFLINE=0 and it wins.
@@ -61,8 +63,38 @@ def artifact_root(root: Path | None = None) -> str:
     return ((root or project_root()) / "mlflow" / "artifacts").as_uri()
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM end this process like Ctrl-C does: a SystemExit (status 143) raised in the main thread, so
+    `finally` blocks, context managers and atexit handlers run and stop what the process started (Prefect's
+    temporary server, worker processes). Python's default for SIGTERM ends the process at once and orphans them."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def configure() -> None:
     """Apply the offline switches and point MLflow at the project's store (idempotent)."""
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri())
+    _credentials_out_of_uri()
+
+
+def _credentials_out_of_uri() -> None:
+    """`http(s)://user:password@host` -> MLFLOW_TRACKING_USERNAME / _PASSWORD and `http(s)://host`.
+
+    MLflow puts the tracking URI in its own messages ("View run ... at: <uri>", "API request to <uri>/... failed"),
+    which end up on stdout, in Prefect's logs and in flow states; with the credentials in environment variables (which
+    MLflow sends as basic auth, the same as from the URI) no message can carry them. Variables already set win.
+    """
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or redact(uri) == uri:
+        return  # another scheme (e.g. a database URL) needs its credentials in the URI: shown only through redact()
+    if parts.username:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username))
+    if parts.password is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password))
+    os.environ["MLFLOW_TRACKING_URI"] = redact(uri)
