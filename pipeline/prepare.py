@@ -222,8 +222,14 @@ def _process(todo: dict[str, Path], job: Job, store: Path, workers: int) -> dict
     context = multiprocessing.get_context("spawn")
     chunk = max(1, min(16, len(keys) // (8 * workers)))
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        results = pool.map(prepare_image, paths, keys, repeat(job), repeat(store), chunksize=chunk)
-        return dict(zip(keys, _progress(results, "prepare", len(keys)), strict=True))
+        try:
+            results = pool.map(prepare_image, paths, keys, repeat(job), repeat(store), chunksize=chunk)
+            return dict(zip(keys, _progress(results, "prepare", len(keys)), strict=True))
+        except BaseException:  # SIGTERM (env.exit_on_sigterm), Ctrl-C, an error: the workers stop with us
+            for worker in multiprocessing.active_children():
+                worker.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -510,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes")
     args = parser.parse_args(argv)
     env.configure()
+    env.exit_on_sigterm()  # its worker processes stop with it
     try:
         # Only the data section matters here: the base model need not exist yet to prepare data.
         params = load_params(args.params, paths=False)
