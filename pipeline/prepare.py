@@ -48,6 +48,7 @@ from pipeline.ingest import (
     content_hash,
     file_sha256,
     find_duplicates,
+    hidden_entries,
     load_image,
     nearest_bucket,
     perceptual_hash,
@@ -280,6 +281,7 @@ class Prepared:
     bucketing: bool = False
     converted: list[dict[str, Any]] = field(default_factory=list)
     truncated: list[dict[str, Any]] = field(default_factory=list)
+    hidden: list[str] = field(default_factory=list)  # names starting with '.', not read (.DS_Store, ._x.jpg)
     work: dict[str, int] = field(default_factory=dict)  # files hashed, images decoded, cache entries reused
 
     def digest(self) -> str:
@@ -319,6 +321,7 @@ class Prepared:
             "rejected": [{"path": r.path, "reason": r.reason, "detail": r.detail} for r in self.rejected],
             "converted": self.converted,
             "captions_truncated": self.truncated,
+            "not_read": [{"path": p, "reason": "hidden (the name starts with '.')"} for p in self.hidden],
             "work": self.work,
         }
         if self.bucketing:
@@ -395,6 +398,7 @@ def prepare(
         rejected.append(Rejection(rel, kind, f"same picture as {kept}"))
 
     result = Prepared(layout, [], rejected, found, source_digest(raw_rows), job.bucketing)
+    result.hidden = hidden_entries(source)
     result.work = {"files_hashed": index.hashed, "images_decoded": len(todo), "cache_reused": reused}
     for rel, (caption, flag, key, record) in sorted(loaded.items()):
         if rel in duplicates:
@@ -497,6 +501,23 @@ def clip_token_counter(cache: Path) -> Callable[[str], int]:
     return lambda text: len(tokenizer.encode(text).ids)
 
 
+def notes(prepared: Prepared, report: Path) -> list[str]:
+    """Lines for what was left out or lost without being an error: hidden files, frames of animations."""
+    lines = []
+    if prepared.hidden:
+        shown = ", ".join(prepared.hidden[:3]) + (
+            f" and {len(prepared.hidden) - 3} more" if len(prepared.hidden) > 3 else ""
+        )
+        lines.append(f"note: {len(prepared.hidden)} hidden file(s) or folder(s) not read ({shown}): names "
+                     f"starting with '.' are skipped (.DS_Store, ._x.jpg); see not_read in {report}")  # fmt: skip
+    animated = [c["path"] for c in prepared.converted if any("frames used" in x for x in c["conversions"])]
+    if animated:
+        shown = ", ".join(animated[:3]) + (f" and {len(animated) - 3} more" if len(animated) > 3 else "")
+        lines.append(f"note: {len(animated)} animated image(s) ({shown}): only the first frame is used, the other "
+                     f"frames are dropped; listed under converted in {report}")  # fmt: skip
+    return lines
+
+
 def nothing_written(out: Path) -> str:
     """This stage wrote nothing; but DVC deletes a stage's outputs before running it, so say how to get them back."""
     return (
@@ -542,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{counts['converted']} converted, {counts['captions_truncated']} captions truncated; "
         f"{work['images_decoded']} images decoded, {work['cache_reused']} from the cache; report: {args.report}"
     )
+    for line in notes(prepared, args.report):
+        print(line)
     if prepared.rejected and params.data.on_invalid == "fail":
         first = "; ".join(f"{r.path}: {r.reason}" for r in prepared.rejected[:5])
         more = f" and {len(prepared.rejected) - 5} more" if len(prepared.rejected) > 5 else ""
