@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sys
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -74,10 +75,29 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+def threads_per_process() -> int:
+    """CPU threads for torch in this process: `OMP_NUM_THREADS` when set, else the cores this process may use divided
+    by the training processes on this machine (`LOCAL_WORLD_SIZE`, which accelerate launch and torchrun set).
+
+    torch's default is every core in every process: N processes on one machine then run N x cores threads that fight
+    for the cores (seen: a training step about 40x slower with several trainings on one machine).
+    """
+    configured = os.environ.get("OMP_NUM_THREADS", "")
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    return max(1, cores // (int(local) if local.isdigit() and int(local) > 0 else 1))
+
+
 def configure() -> None:
-    """Apply the offline switches and point MLflow at the project's store (idempotent)."""
+    """Apply the offline switches and point MLflow at the project's store (idempotent); in a process that uses torch
+    (the stages), set its CPU threads (`threads_per_process`)."""
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    torch = sys.modules.get("torch")  # not imported here: `sdft` and the flow need no torch
+    if torch is not None:
+        torch.set_num_threads(threads_per_process())
     os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri())
     _credentials_out_of_uri()
 
