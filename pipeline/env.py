@@ -75,6 +75,15 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+def nothing_written(out: Path, stage: str) -> str:
+    """A failed stage wrote nothing to `out`; but DVC deletes a stage's outputs before running it: say how to get the
+    last good ones back."""
+    return (
+        f"Nothing was written to {out}. Run by `dvc repro`, the earlier {out} was removed before this stage started: "
+        f"`sdft run` restores it, by hand run `dvc checkout {stage}`."
+    )
+
+
 def threads_per_process() -> int:
     """CPU threads for torch in this process: `OMP_NUM_THREADS` when set, else the cores this process may use divided
     by the training processes on this machine (`LOCAL_WORLD_SIZE`, which accelerate launch and torchrun set).

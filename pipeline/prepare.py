@@ -518,14 +518,6 @@ def notes(prepared: Prepared, report: Path) -> list[str]:
     return lines
 
 
-def nothing_written(out: Path) -> str:
-    """This stage wrote nothing; but DVC deletes a stage's outputs before running it, so say how to get them back."""
-    return (
-        f"Nothing was written to {out}. Run by `dvc repro`, the earlier {out} was removed before this stage started: "
-        "`sdft run` restores it, by hand run `dvc checkout prepare`."
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
@@ -571,14 +563,14 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"error: {len(prepared.rejected)} invalid item(s) and data.on_invalid is 'fail': {first}{more}. "
             f"See {args.report} for the full list; fix or remove them, or set data.on_invalid: skip. "
-            f"{nothing_written(args.out)}",
+            f"{env.nothing_written(args.out, 'prepare')}",
             file=sys.stderr,
         )
         return 1
     if not counts["train"] or not counts["validation"]:
         print(
             f"error: the split has an empty side ({counts['train']} train, {counts['validation']} validation): "
-            f"add images or change data.val_fraction. {nothing_written(args.out)}",
+            f"add images or change data.val_fraction. {env.nothing_written(args.out, 'prepare')}",
             file=sys.stderr,
         )
         return 1

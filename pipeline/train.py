@@ -1319,7 +1319,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (NonFiniteLoss, checkpoint.CheckpointWriteError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}\n{env.nothing_written(args.out, 'train')}", file=sys.stderr)
         return 1
     from accelerate import PartialState
 
