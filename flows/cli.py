@@ -53,8 +53,9 @@ def ui_command(root: Path) -> str:
     jobs, which sdft does not use): too many processes for a small machine. One worker per 4 cores (1 to 4), no jobs.
     """
     workers = max(1, min(4, (os.cpu_count() or 1) // 4))
+    store = env.redact(env.tracking_uri(root))
     return (
-        f"env MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri {env.tracking_uri(root)} "
+        f"env MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri {store} "
         f"--host 127.0.0.1 --port 5000 --workers {workers}"
     )
 
@@ -73,7 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         result = retrain(project=str(root), dry_run=args.dry_run, trigger=args.trigger)
     except Exception as exc:  # the flow has logged the traceback; the registry was not touched
-        print(f"error: the retrain failed, nothing was promoted: {exc}", file=sys.stderr)
+        print(f"error: the retrain failed, nothing was promoted: {env.redact(str(exc))}", file=sys.stderr)
         return 1
     if result.skipped:
         print(f"SKIPPED: {result.reason}")
@@ -109,10 +110,11 @@ def _registry_call(call: Any) -> int:
     try:
         call()
     except (RegistryError, RegistryUnavailable) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {env.redact(str(exc))}", file=sys.stderr)
         return 1
     except MlflowException as exc:  # e.g. PERMISSION_DENIED from a server with auth
-        print(f"error: the tracking server refused ({exc.error_code}): {exc.message[:500]}", file=sys.stderr)
+        message = env.redact(exc.message[:500])
+        print(f"error: the tracking server refused ({exc.error_code}): {message}", file=sys.stderr)
         return 1
     return 0
 
@@ -287,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     # opens shows every run; Prefect's default, ~/.prefect, would split the history in two.
     os.environ.setdefault("PREFECT_HOME", str(Path(args.project).resolve() / ".prefect"))
     env.configure()
+    env.exit_on_sigterm()  # e.g. during start-up, before Prefect's flow engine installs its own handler
     try:
         code = args.func(args)
         sys.stdout.flush()  # inside the try: a closed pipe shows up here, not in the interpreter's final flush

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,7 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
-from prefect.states import Completed, State
+from prefect.states import Completed, Failed, State
 
 from flows import notify
 from flows.trigger import WorkspaceBusy, data_identity, history, last_success, record, workspace_lock, workspace_name
@@ -85,7 +86,7 @@ def validate(root: Path) -> Params:
 @task(name="open MLflow run", retries=3, retry_delay_seconds=[2, 5, 10])
 def open_run(root: Path) -> str:
     """One MLflow run per retrain, tagged with the Prefect flow run."""
-    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw = yaml.safe_load(env.redact((root / "params.yaml").read_text()))  # e.g. data.source: https://user:pw@...
     commit, dirty = promotion.git_state(root)
     tags = {
         "sdft.prefect_flow_run_id": str(flow_run.get_id() or ""),
@@ -95,12 +96,24 @@ def open_run(root: Path) -> str:
     return registry.start_run(str(flow_run.get_name() or "retrain"), _flat("", raw), tags)
 
 
+class StageFailed(RuntimeError):
+    """A DVC stage failed; its message (one line) names the stage, its own exit status and its log."""
+
+
+def stage_exit_code(dvc_stderr: str, dvc_code: int) -> int:
+    """The stage command's own exit status, which `dvc repro` reports as "exited with N" (DVC itself exits 255)."""
+    found = re.findall(r"exited with (-?\d+)", dvc_stderr)
+    return int(found[-1]) if found else dvc_code
+
+
 @task(name="dvc repro", task_run_name="dvc repro {stage}")
-def run_stage(root: Path, stage: str, run_id: str) -> None:
+def run_stage(root: Path, stage: str, run_id: str) -> State | None:
     """Run one DVC stage (and anything upstream that is stale); DVC skips it when nothing changed.
 
     Output goes to `.sdft/logs/<stage>.{out,err}`. The task's `timeout_seconds` (orchestration.stage_timeout_minutes)
-    or a cancellation interrupts the wait below, which then stops DVC and the stage's own processes.
+    or a cancellation interrupts the wait below, which then stops DVC and the stage's own processes. A failed stage
+    gets its last good outputs back (`restore_outputs`), its error output logged once, and a Failed state with a
+    one-line message (no traceback: the stage's own message is what the user needs).
     """
     environment = os.environ | {"MLFLOW_RUN_ID": run_id}
     # Stage commands call `python`: make it this interpreter's, venv or not.
@@ -112,13 +125,36 @@ def run_stage(root: Path, stage: str, run_id: str) -> None:
         try:
             while process.poll() is None:
                 time.sleep(0.5)  # short sleeps: a timeout or cancellation lands within half a second
-        except BaseException:
+        except BaseException as exc:
             _stop_tree(process.pid)
+            if isinstance(exc, Exception):  # a timeout: DVC had already removed the stage's outputs
+                get_run_logger().warning("%s", restore_outputs(root, stage))
             raise
     logger = get_run_logger()
-    logger.info("%s", out_file.read_text()[-4000:])
+    logger.info("%s", env.redact(out_file.read_text()[-4000:]))
     if process.returncode != 0:
-        raise RuntimeError(f"stage '{stage}' failed (exit {process.returncode}):\n{err_file.read_text()[-4000:]}")
+        errors = env.redact(err_file.read_text())
+        logger.error("%s", errors[-4000:])
+        logger.warning("%s", restore_outputs(root, stage))
+        code = stage_exit_code(errors, process.returncode)
+        return Failed(message=f"stage '{stage}' failed (exit {code}); its output: {out_file} and {err_file}")
+    return None
+
+
+def restore_outputs(root: Path, stage: str) -> str:
+    """After a failed stage, put back its last good outputs (`dvc checkout <stage>`); return what happened.
+
+    DVC deletes a stage's cached outputs before running its command, so a failed `prepare` would leave no
+    data/prepared (and a failed `train` no models/adapter). dvc.lock still names the last good ones, and the cache
+    holds them. Stages that ran fine in this repro are already what dvc.lock says: only the failed stage changes.
+    """
+    done = subprocess.run([_tool("dvc"), "checkout", stage], cwd=root, capture_output=True, text=True)
+    if done.returncode == 0:
+        return f"restored the last good outputs of '{stage}' (dvc checkout {stage})"
+    return (
+        f"could not restore the outputs of '{stage}' (the first run of a stage has none to restore): "
+        f"{env.redact(done.stderr.strip()[-500:])}"
+    )
 
 
 def _stop_tree(pid: int, grace_s: float = 10) -> None:
@@ -268,7 +304,7 @@ def run_gate(root: Path, params: Params) -> promotion.GateOutcome:
 
 def mlflow_links(run_id: str, model_name: str, version: str | None) -> str:
     """Markdown links to the MLflow run and model version (a local store: open `sdft ui` first)."""
-    uri = env.tracking_uri()
+    uri = env.redact(env.tracking_uri())  # a link is shown and stored: never with user:password
     remote = uri.startswith(("http://", "https://"))
     base = uri.rstrip("/") if remote else os.environ.get("SDFT_MLFLOW_UI", "http://127.0.0.1:5000")
     experiment = registry.experiment_id()
@@ -304,7 +340,7 @@ def publish(root: Path, params: Params, entry: dict[str, Any], gate_report: str)
 def report_failure(flow: Any, run: Any, state: State) -> None:
     """on_failure / on_crashed hook: record the failed retrain and send the failure message."""
     root = Path(run.parameters.get("project", ".")).resolve()
-    reason = state.message or state.name
+    reason = env.redact(state.message or state.name)
     entry = {"flow_run": str(run.id), "flow_run_name": run.name, "trigger": run.parameters.get("trigger", "manual")}
     entry = record(root, entry | {"outcome": "failed", "reason": reason})
     notify.send(notify.settings_of(root), "failed", f"sdft retrain failed ({run.name}): {reason}", entry)
@@ -322,7 +358,7 @@ def register(root: Path, params: Params, outcome: promotion.GateOutcome, run_id:
 
 
 @flow(name="retrain", log_prints=True, on_failure=[report_failure], on_crashed=[report_failure])
-def retrain(project: str = ".", dry_run: bool = False, trigger: Trigger = "manual") -> RetrainResult:
+def retrain(project: str = ".", dry_run: bool = False, trigger: Trigger = "manual") -> RetrainResult | State:
     """Retrain on the current data and promote the result only if it beats the baseline.
 
     trigger: "data" skips the run when data.source holds what the last successful retrain saw; "schedule" and
@@ -344,7 +380,12 @@ def retrain(project: str = ".", dry_run: bool = False, trigger: Trigger = "manua
         run_id = open_run(root)
         try:
             for stage in stage_names(root):
-                run_stage.with_options(timeout_seconds=timeouts.get(stage))(root, stage, run_id)
+                state = run_stage.with_options(timeout_seconds=timeouts.get(stage))(
+                    root, stage, run_id, return_state=True
+                )
+                if not state.is_completed():
+                    message = state.message or state.name
+                    raise StageFailed(message if message.startswith("stage ") else f"stage '{stage}': {message}")
             push_outputs(root)
             log_reports(root, run_id)
             outcome = run_gate(root, params)
@@ -367,6 +408,9 @@ def retrain(project: str = ".", dry_run: bool = False, trigger: Trigger = "manua
             }
             registry.set_tags(run_id, tags)
             registry.log_artifacts(run_id, [root / REPORTS / "gate.json", root / REPORTS / "gate.md"], "gate")
+        except StageFailed as exc:  # said once, in one line, without a traceback (the task logged the stage's errors)
+            registry.end_run(run_id, "FAILED")
+            return Failed(message=str(exc))
         except BaseException:
             registry.end_run(run_id, "FAILED")
             raise
@@ -391,4 +435,5 @@ def retrain(project: str = ".", dry_run: bool = False, trigger: Trigger = "manua
 
 
 if __name__ == "__main__":
+    env.exit_on_sigterm()
     retrain()

@@ -54,40 +54,75 @@ def step_dirs(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def find_resumable(folder: Path, run_fingerprint: str) -> tuple[Path | None, str]:
-    """The newest checkpoint of this run, or None and a sentence saying why the run starts fresh."""
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. the disk is full); the message names the path and the free space."""
+
+
+def load_newest(folder: Path, run_fingerprint: str) -> tuple[Checkpoint | None, str, list[str]]:
+    """The newest intact checkpoint of this run, the sentence saying what happens, and one line per damaged checkpoint
+    skipped on the way (a truncated or corrupt file, e.g. from a full disk or a copy cut short): an older intact one
+    is used instead, so one bad checkpoint does not block every later run."""
     dirs = step_dirs(folder)
     if not dirs:
-        return None, f"no checkpoint in {folder}"
+        return None, f"no checkpoint in {folder}", []
+    skipped: list[str] = []
+    ours = 0
     for _, path in reversed(dirs):
         try:
             state = json.loads((path / STATE).read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError) as exc:
+            skipped.append(f"skipped damaged checkpoint {path}: {STATE} unreadable ({type(exc).__name__}: {exc})")
             continue
-        if state.get("fingerprint") == run_fingerprint and (path / TENSORS).is_file():
-            return path, f"resuming from {path}"
-    return None, (
-        f"the {len(dirs)} checkpoint(s) in {folder} come from different train params, base model or data "
-        "(fingerprint mismatch)"
+        if not isinstance(state, dict) or state.get("fingerprint") != run_fingerprint:
+            continue
+        ours += 1
+        try:
+            return load(path), f"resuming from {path}", skipped
+        except Exception as exc:  # safetensors raises its own SafetensorError; also OSError, KeyError, ValueError
+            skipped.append(f"skipped damaged checkpoint {path}: {TENSORS} unreadable ({type(exc).__name__}: {exc})")
+    if ours:
+        return None, f"no intact checkpoint of this run in {folder}", skipped
+    return (
+        None,
+        (
+            f"the {len(dirs)} checkpoint(s) in {folder} come from different train params, base model or data "
+            "(fingerprint mismatch)"
+        ),
+        skipped,
     )
 
 
 def save(
     folder: Path, step: int, tensors: dict[str, torch.Tensor], state: dict[str, Any], keep: int, run_fingerprint: str
 ) -> Path:
-    """Write `step-<step>/` atomically, then keep only the newest `keep` checkpoints of this run."""
+    """Write `step-<step>/` atomically, then keep only the newest `keep` checkpoints of this run.
+
+    A failed write (a full disk) removes its partial folder and raises CheckpointWriteError naming the path and the
+    free space; the checkpoints written before stay.
+    """
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:06d}"
     partial = folder / f".step-{step:06d}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(partial / TENSORS))
-    (partial / STATE).write_text(json.dumps(state | {"step": step, "fingerprint": run_fingerprint}))
-    for file in (partial / TENSORS, partial / STATE):
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
+    try:
+        partial.mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(partial / TENSORS))
+        (partial / STATE).write_text(json.dumps(state | {"step": step, "fingerprint": run_fingerprint}))
+        for file in (partial / TENSORS, partial / STATE):
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        free = shutil.disk_usage(folder).free
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        raise CheckpointWriteError(
+            exc.errno,
+            f"could not write checkpoint {final} ({exc.strerror or exc}); {free / 2**20:.1f} MiB free on that disk, "
+            f"the checkpoint needs about {size / 2**20:.1f} MiB. The partial write was removed; earlier checkpoints "
+            "are intact. Free space there, lower train.checkpoints_total_limit or pass another --checkpoints folder.",
+        ) from exc
     if final.exists():  # the same step of the same run, written again after a resume: identical content
         shutil.rmtree(final)
     partial.rename(final)

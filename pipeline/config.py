@@ -7,8 +7,9 @@ file, the dotted key, its line, and what to do, before any work starts.
 from __future__ import annotations
 
 import os
+import posixpath
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -17,6 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.gate import GatePolicy
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _escapes(relative: str) -> bool:
+    """Whether a relative path leaves its folder (`../x`, `a/../../x`)."""
+    return posixpath.normpath(relative.replace("\\", "/")).split("/")[0] == ".."
 
 
 class ParamsError(ValueError):
@@ -97,6 +103,18 @@ class DataParams(_Section):
                 "must be a local folder: a DVC stage cannot depend on a URI. Import it first with "
                 f"`dvc import-url {value} data/raw` (later `dvc update data/raw.dvc` fetches new files) "
                 "and set data.source: data/raw; see docs/data.md"
+            )
+        return value
+
+    @field_validator("manifest")
+    @classmethod
+    def _inside_source(cls, value: str | None) -> str | None:
+        # DVC tracks data.source (the prepare stage's dep), not a file elsewhere: a manifest outside it would be read,
+        # yet editing it would not re-run prepare.
+        if value is not None and (PurePosixPath(value).is_absolute() or os.path.isabs(value) or _escapes(value)):
+            raise ValueError(
+                "must be a path inside data.source, relative to it: DVC tracks data.source, so a manifest elsewhere "
+                "would be read but editing it would not re-run prepare. Move the file into data.source"
             )
         return value
 
@@ -351,13 +369,37 @@ def _describe(error: dict[str, Any], path: Path, text: str) -> str:
         return f"{where}: unknown key '{key}'. Remove it, or check its spelling against the documented keys."
     if error["type"] == "missing":
         return f"{where}: missing key '{key}'. Add it (see README, 'params.yaml')."
-    return f"{where}: '{key}': {error['msg']} (got {error.get('input')!r})."
+    got = "" if "got " in error["msg"] else f" (got {error.get('input')!r})"  # a validator's message may say it
+    return f"{where}: '{key}': {error['msg']}{got}."
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error (YAML itself keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key '{key}' (first at line {seen[key]}); keep one of the two",
+                    key_node.start_mark,
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_params(text: str, path: Path) -> Params:
     """Validate YAML text; raise `ParamsError` with every problem listed."""
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except yaml.constructor.ConstructorError as exc:
+        mark = exc.problem_mark
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ParamsError(f"{where}: {exc.problem}.") from None
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
@@ -388,7 +430,14 @@ def check_paths(params: Params, path: Path, root: Path) -> None:
         line = _line_of(text, ("data", "manifest"))
         problems.append(f"{path}:{line}: 'data.manifest' is {params.data.manifest!r}, which is not a file in {source}.")
     model = params.base.model
-    if not (root / model).is_dir() and not _cached_on_hub(model, params.base.revision):
+    if (root / model).is_dir() and not (root / model / "model_index.json").is_file():
+        line = _line_of(text, ("base", "model"))
+        problems.append(
+            f"{path}:{line}: 'base.model' is {model!r}, a folder without model_index.json: not a diffusers model. "
+            "Point it at a folder saved by `StableDiffusionPipeline.save_pretrained` (model_index.json, unet/, vae/, "
+            "text_encoder/, tokenizer/, scheduler/), or at a hub id."
+        )
+    elif not (root / model).is_dir() and not _cached_on_hub(model, params.base.revision):
         line = _line_of(text, ("base", "model"))
         problems.append(
             f"{path}:{line}: 'base.model' is {model!r}: no such local folder"

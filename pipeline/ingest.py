@@ -113,6 +113,19 @@ def _scan(root: Path) -> list[str]:
     return sorted(found)
 
 
+def hidden_entries(root: Path) -> list[str]:
+    """What `_scan` leaves out: files and folders whose name starts with '.' (`.DS_Store`, macOS `._x.jpg`,
+    `.ipynb_checkpoints/`), as posix paths relative to `root`, a hidden folder once (not its contents)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        for name in sorted(dirnames) + sorted(filenames):
+            if name.startswith("."):
+                found.append(name if rel_dir == "." else f"{rel_dir}/{name}")
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    return sorted(found)
+
+
 def _has_sidecar_captions(root: Path) -> bool:
     files = set(_scan(root))
     return any(_is_image_name(f) and str(PurePosixPath(f).with_suffix(".txt")) in files for f in files)
@@ -176,9 +189,7 @@ def _read_jsonl(path: Path, caption_column: str) -> list[tuple[int, str, object]
             raise DataError(f"{where} is a JSON {type(record).__name__}, not an object with '{FILE_COLUMN}'.")
         if not isinstance(record.get(FILE_COLUMN), str) or not record[FILE_COLUMN]:
             raise DataError(f"{where} has no '{FILE_COLUMN}' string (keys: {sorted(record)}).")
-        caption = record.get(caption_column)
-        if caption is not None and not isinstance(caption, str):
-            raise DataError(f"{where}: '{caption_column}' is a {type(caption).__name__}, not a string.")
+        caption = record.get(caption_column)  # a number or a list: rejected with its item, not the whole file
         columns.update(record)
         rows.append((line_no, record[FILE_COLUMN], caption))
     if not rows:
@@ -256,6 +267,14 @@ def _read_table_items(root: Path, table: Path, caption_column: str) -> tuple[lis
             rejections.append(Rejection(rel, "listed twice", detail))
             continue
         first_line[rel] = line
+        if caption is not None and not isinstance(caption, str):
+            kind = type(caption).__name__
+            detail = (
+                f"{table.name} line {line}: '{caption_column}' is {'an' if kind[0] in 'aeiou' else 'a'} {kind} "
+                f"({caption!r}), not a string; quote it"
+            )
+            rejections.append(Rejection(rel, "caption not text", detail))
+            continue
         items.append(RawItem(path, rel, caption, line))
 
     # An image in the folder that the table does not list is reported, never silently left out.

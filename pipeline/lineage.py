@@ -21,11 +21,10 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import yaml
 
-from pipeline import candidate, registry
+from pipeline import candidate, env, registry
 
 EMBEDDED_BASE = "models/tiny-sd"  # built by `sdft init`, deterministic from code
 
@@ -118,11 +117,7 @@ def git_state(root: Path) -> tuple[str, bool]:
 
 def git_remote(root: Path) -> str:
     """`origin`'s URL without credentials, or ""."""
-    url = _git(root, "remote", "get-url", "origin")
-    parts = urlsplit(url)
-    if parts.password or parts.username and parts.scheme in ("http", "https"):
-        url = parts._replace(netloc=parts.hostname or "").geturl()
-    return url
+    return env.redact(_git(root, "remote", "get-url", "origin"))
 
 
 def params_hash(params_file: Path) -> str:

@@ -49,6 +49,7 @@ from pipeline.ingest import (
     content_hash,
     file_sha256,
     find_duplicates,
+    hidden_entries,
     load_image,
     nearest_bucket,
     perceptual_hash,
@@ -224,8 +225,14 @@ def _process(todo: dict[str, Path], job: Job, store: Path, workers: int) -> dict
     context = multiprocessing.get_context("spawn")
     chunk = max(1, min(16, len(keys) // (8 * workers)))
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        results = pool.map(prepare_image, paths, keys, repeat(job), repeat(store), chunksize=chunk)
-        return dict(zip(keys, _progress(results, "prepare", len(keys)), strict=True))
+        try:
+            results = pool.map(prepare_image, paths, keys, repeat(job), repeat(store), chunksize=chunk)
+            return dict(zip(keys, _progress(results, "prepare", len(keys)), strict=True))
+        except BaseException:  # SIGTERM (env.exit_on_sigterm), Ctrl-C, an error: the workers stop with us
+            for worker in multiprocessing.active_children():
+                worker.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -276,6 +283,7 @@ class Prepared:
     bucketing: bool = False
     converted: list[dict[str, Any]] = field(default_factory=list)
     truncated: list[dict[str, Any]] = field(default_factory=list)
+    hidden: list[str] = field(default_factory=list)  # names starting with '.', not read (.DS_Store, ._x.jpg)
     work: dict[str, int] = field(default_factory=dict)  # files hashed, images decoded, cache entries reused
 
     def digest(self) -> str:
@@ -317,6 +325,7 @@ class Prepared:
             "rejected": [{"path": r.path, "reason": r.reason, "detail": r.detail} for r in self.rejected],
             "converted": self.converted,
             "captions_truncated": self.truncated,
+            "not_read": [{"path": p, "reason": "hidden (the name starts with '.')"} for p in self.hidden],
             "work": self.work,
         }
         if self.bucketing:
@@ -393,6 +402,7 @@ def prepare(
         rejected.append(Rejection(rel, kind, f"same picture as {kept}"))
 
     result = Prepared(layout, [], rejected, found, source_digest(raw_rows), job.bucketing)
+    result.hidden = hidden_entries(source)
     result.work = {"files_hashed": index.hashed, "images_decoded": len(todo), "cache_reused": reused}
     for rel, (caption, flag, key, record) in sorted(loaded.items()):
         if rel in duplicates:
@@ -522,6 +532,23 @@ def clip_token_counter(cache: Path) -> Callable[[str], int]:
     return lambda text: len(tokenizer.encode(text).ids)
 
 
+def notes(prepared: Prepared, report: Path) -> list[str]:
+    """Lines for what was left out or lost without being an error: hidden files, frames of animations."""
+    lines = []
+    if prepared.hidden:
+        shown = ", ".join(prepared.hidden[:3]) + (
+            f" and {len(prepared.hidden) - 3} more" if len(prepared.hidden) > 3 else ""
+        )
+        lines.append(f"note: {len(prepared.hidden)} hidden file(s) or folder(s) not read ({shown}): names "
+                     f"starting with '.' are skipped (.DS_Store, ._x.jpg); see not_read in {report}")  # fmt: skip
+    animated = [c["path"] for c in prepared.converted if any("frames used" in x for x in c["conversions"])]
+    if animated:
+        shown = ", ".join(animated[:3]) + (f" and {len(animated) - 3} more" if len(animated) > 3 else "")
+        lines.append(f"note: {len(animated)} animated image(s) ({shown}): only the first frame is used, the other "
+                     f"frames are dropped; listed under converted in {report}")  # fmt: skip
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
@@ -533,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes")
     args = parser.parse_args(argv)
     env.configure()
+    env.exit_on_sigterm()  # its worker processes stop with it
     try:
         # Only the data section matters here: the base model need not exist yet to prepare data.
         params = load_params(args.params, paths=False)
@@ -559,19 +587,21 @@ def main(argv: list[str] | None = None) -> int:
         f"{counts['converted']} converted, {counts['captions_truncated']} captions truncated; "
         f"{work['images_decoded']} images decoded, {work['cache_reused']} from the cache; report: {args.report}"
     )
+    for line in notes(prepared, args.report):
+        print(line)
     if prepared.rejected and params.data.on_invalid == "fail":
         first = "; ".join(f"{r.path}: {r.reason}" for r in prepared.rejected[:5])
         more = f" and {len(prepared.rejected) - 5} more" if len(prepared.rejected) > 5 else ""
         print(
             f"error: {len(prepared.rejected)} invalid item(s) and data.on_invalid is 'fail': {first}{more}. "
             f"See {args.report} for the full list; fix or remove them, or set data.on_invalid: skip. "
-            f"Nothing was written to {args.out}.",
+            f"{env.nothing_written(args.out, 'prepare')}",
             file=sys.stderr,
         )
         return 1
     problem = split_problem(counts, params.data)
     if problem:
-        print(f"error: {problem} Nothing was written to {args.out}.", file=sys.stderr)
+        print(f"error: {problem} {env.nothing_written(args.out, 'prepare')}", file=sys.stderr)
         return 1
     write_prepared(prepared, args.out)
     return 0

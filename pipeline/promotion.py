@@ -1,14 +1,16 @@
 """Gate and register: what runs after the DVC stages, because it depends on the registry's state, not on files.
 
 1. `gate(...)` reads the evaluate stage's outputs, finds the baseline (the `champion`, evaluated on the same held-out
-   set and cached by version and evaluation-set hash; or the untuned base model on the first run), calls the pure
-   `gate.decide`, and writes `reports/gate.json` and `reports/gate.md`. It changes nothing in the registry. Every
-   number it compares is measured on the prepared `test` split, which no training, early stop or tuning read.
+   set and cached by what the version is (its run and weights) and the evaluation-set hash; or the untuned base model
+   on the first run), calls the pure `gate.decide`, and writes `reports/gate.json` and `reports/gate.md`. It changes
+   nothing in the registry. Every number it compares is measured on the prepared `test` split, which no training,
+   early stop or tuning read.
 2. `promote(...)` registers a promoted candidate and moves `champion`, refusing if the champion moved meanwhile.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import lineage, registry
+from pipeline import env, lineage, registry
 from pipeline.config import Params, resolve_model
 from pipeline.gate import Decision, MetricSet, decide
 
@@ -39,21 +41,78 @@ def load_model_metrics(metrics: dict[str, Any], samples: dict[str, Any], name: s
     return MetricSet(values=dict(metrics[name]), samples=dict(samples.get(name, {})), source=source)
 
 
+def champion_identity(model_name: str, champion: registry.Champion) -> dict[str, str]:
+    """What the champion version IS, not just its number: another tracking store (or a recreated one) has its own
+    "v1", made by another run (run ids are random UUIDs) with other weights. The store's URI is not part of it: the
+    same store reached by another address is the same model."""
+    return {
+        "model": model_name,
+        "version": champion.version,
+        "run_id": champion.run_id,
+        "source": env.redact(champion.source),
+        "adapter_sha256": champion.adapter_sha256,
+    }
+
+
+def baseline_cache_file(root: Path, model_name: str, champion: registry.Champion, eval_set_hash: str) -> Path:
+    """`.sdft/baselines/<name>-v<version>-<key>.json`, the key a hash of the champion's identity and the eval set."""
+    key = json.dumps(champion_identity(model_name, champion) | {"eval_set_hash": eval_set_hash}, sort_keys=True)
+    return root / CACHE / f"{model_name}-v{champion.version}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def read_baseline_cache(
+    root: Path, model_name: str, champion: registry.Champion, eval_set_hash: str
+) -> MetricSet | None:
+    """The cached champion metrics, only when the file records this very champion and evaluation set."""
+    cached = baseline_cache_file(root, model_name, champion, eval_set_hash)
+    if not cached.is_file():
+        return None
+    data = json.loads(cached.read_text())
+    if data.get("identity") != champion_identity(model_name, champion) or data.get("eval_set_hash") != eval_set_hash:
+        return None  # written for another store or model (or by an older sdft): measure again
+    return MetricSet(data["values"], data["samples"], f"champion v{champion.version}")
+
+
+def write_baseline_cache(
+    root: Path,
+    model_name: str,
+    champion: registry.Champion,
+    eval_set_hash: str,
+    values: dict[str, Any],
+    samples: dict[str, Any],
+) -> Path:
+    cached = baseline_cache_file(root, model_name, champion, eval_set_hash)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "identity": champion_identity(model_name, champion),
+        "eval_set_hash": eval_set_hash,
+        "store": env.redact(env.tracking_uri()),  # for a reader; not part of the key
+    }
+    tmp = cached.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record | {"values": values, "samples": samples}))
+    tmp.replace(cached)
+    return cached
+
+
 def champion_metrics(
-    params: Params, root: Path, prepared: Path, version: str, eval_set_hash: str, split: str = "test"
+    params: Params,
+    root: Path,
+    prepared: Path,
+    champion: registry.Champion,
+    eval_set_hash: str,
+    split: str = "test",
 ) -> tuple[MetricSet, bool]:
-    """The champion's metrics on this evaluation set: from the cache when (version, set hash) match, else measured.
+    """The champion's metrics on this evaluation set: from the cache when it holds this very version (same store, run
+    and weights) on this set, else measured.
 
     The set hash covers the held-out split's name and images, so a baseline measured on another set (the validation
     split of a two-split workspace, older data) is never reused: the champion is measured again, and a line says so.
     """
-    name = params.registry.model_name
-    cached = root / CACHE / f"{name}-v{version}-{eval_set_hash[:16]}.json"
-    if cached.is_file():
-        data = json.loads(cached.read_text())
-        return MetricSet(data["values"], data["samples"], f"champion v{version}"), True
-    earlier = sorted((root / CACHE).glob(f"{name}-v{version}-*.json"))
-    if earlier:
+    name, version = params.registry.model_name, champion.version
+    cached = read_baseline_cache(root, name, champion, eval_set_hash)
+    if cached is not None:
+        return cached, True
+    if sorted((root / CACHE).glob(f"{name}-v{version}-*.json")):
         print(
             f"gate: champion v{version}'s cached baseline was measured on another evaluation set (new data, the new "
             f"{split} split, or changed evaluate settings): re-evaluating it on the {split} split",
@@ -76,10 +135,7 @@ def champion_metrics(
     if summary["evaluation"]["eval_set_hash"] != eval_set_hash:
         raise RuntimeError("the champion was evaluated on a different evaluation set than the candidate; re-run.")
     samples = json.loads((work / "eval" / "samples.json").read_text())["champion"]
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"values": summary["champion"], "samples": samples, "split": split}))
-    tmp.replace(cached)
+    write_baseline_cache(root, name, champion, eval_set_hash, summary["champion"], samples)
     return MetricSet(summary["champion"], samples, f"champion v{version}"), False
 
 
@@ -101,7 +157,7 @@ def gate(params: Params, root: Path, prepared: Path, metrics_file: Path, samples
         baseline = load_model_metrics(metrics, samples, "base", "base model (untuned)")
         kind, from_cache = "base", False
     else:
-        baseline, from_cache = champion_metrics(params, root, prepared, champion.version, eval_set_hash, split)
+        baseline, from_cache = champion_metrics(params, root, prepared, champion, eval_set_hash, split)
         kind = "champion"
     decision = decide(candidate, baseline, params.gate)
     record = decision.to_dict() | {

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from pipeline import candidate, env
 
@@ -70,10 +69,7 @@ def client() -> Any:
 
 def server() -> str:
     """The tracking URI, without any user:password part, for messages."""
-    parts = urlsplit(env.tracking_uri())
-    if parts.password or parts.username:
-        parts = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
-    return urlunsplit(parts)
+    return env.redact(env.tracking_uri())
 
 
 def with_retries(call: Callable[[], T], what: str, attempts: int | None = None, first_wait: float | None = None) -> T:
@@ -111,7 +107,7 @@ def with_retries(call: Callable[[], T], what: str, attempts: int | None = None, 
 
 def _first_line(error: Exception) -> str:
     text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:300]
+    return env.redact(text[0] if text else type(error).__name__)[:300]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -207,6 +203,7 @@ class Champion:
     version: str
     run_id: str
     source: str
+    adapter_sha256: str = ""  # the version's `sdft.adapter_sha256` tag (lineage), "" when it has none
 
 
 def _missing(exc: Exception) -> bool:
@@ -250,7 +247,9 @@ def alias_version(model_name: str, alias: str) -> str | None:
 def champion(model_name: str) -> Champion | None:
     """The version behind `@champion`, or None on the first run (no registered model or no alias yet)."""
     mv = _by_alias(model_name, CHAMPION)
-    return Champion(version=str(mv.version), run_id=mv.run_id, source=mv.source) if mv else None
+    if mv is None:
+        return None
+    return Champion(str(mv.version), mv.run_id or "", mv.source or "", (mv.tags or {}).get("sdft.adapter_sha256", ""))
 
 
 def get_version(model_name: str, version: str) -> Any:

@@ -1115,15 +1115,16 @@ def resume(
     accelerator: Any,
 ) -> tuple[LoopState, dict[str, torch.Tensor]]:
     """Restore the newest checkpoint of this run from `folder`, or say why the run starts fresh."""
-    path, reason = checkpoint.find_resumable(folder, fingerprint)
-    if path is None:
+    ckpt, reason, skipped = checkpoint.load_newest(folder, fingerprint)
+    for line in skipped:
+        print(f"warning: {line}", file=sys.stderr)
+    if ckpt is None:
         print(f"starting fresh: {reason}")
         if accelerator.is_main_process and checkpoint.step_dirs(folder):
             checkpoint.clear(folder)  # another run's state: it would be rotated out or, worse, resumed later
         accelerator.wait_for_everyone()
         return LoopState(), {}
-    ckpt = checkpoint.load(path)
-    tensors, meta = ckpt.tensors, ckpt.state
+    path, tensors, meta = ckpt.path, ckpt.tensors, ckpt.state
     load_weights(trainable, {n: tensors[f"weights.{n}"] for n in trainable})
     optimizer.load_state_dict(checkpoint.unflatten_optimizer(tensors, meta["optimizer"]))
     shard_optimizer_state(optimizer)
@@ -1321,8 +1322,8 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except NonFiniteLoss as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (NonFiniteLoss, checkpoint.CheckpointWriteError) as exc:
+        print(f"error: {exc}\n{env.nothing_written(args.out, 'train')}", file=sys.stderr)
         return 1
     from accelerate import PartialState
 

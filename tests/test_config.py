@@ -82,8 +82,41 @@ def test_missing_paths_are_named_with_the_fix(tmp_path: Path) -> None:
 def test_local_paths_that_exist_pass(tmp_path: Path) -> None:
     (tmp_path / "data" / "demo").mkdir(parents=True)
     (tmp_path / "models" / "tiny-sd").mkdir(parents=True)
+    (tmp_path / "models" / "tiny-sd" / "model_index.json").write_text("{}")
     params = load_params(write(tmp_path, repo_params()))
     assert params.data.source == "data/demo"
+
+
+def test_a_folder_that_is_not_a_diffusers_model_is_named(tmp_path: Path) -> None:
+    (tmp_path / "data" / "demo").mkdir(parents=True)
+    (tmp_path / "models" / "tiny-sd" / "unet").mkdir(parents=True)  # e.g. a half-copied or wrong folder
+    path = write(tmp_path, repo_params())
+    line = next(i for i, row in enumerate(path.read_text().splitlines(), 1) if row.strip().startswith("model:"))
+    with pytest.raises(ParamsError) as exc:
+        load_params(path)
+    assert f"{path}:{line}: 'base.model' is 'models/tiny-sd', a folder without model_index.json" in str(exc.value)
+
+
+def test_a_duplicate_key_is_an_error_naming_both_lines(tmp_path: Path) -> None:
+    text = (REPO / "params.yaml").read_text()
+    first = next(i for i, row in enumerate(text.splitlines(), 1) if row.startswith("  max_steps:"))
+    rows = text.splitlines()
+    rows.insert(first, "  max_steps: 7")  # the same key again, right after: YAML alone would keep 7
+    path = tmp_path / "params.yaml"
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(ParamsError) as exc:
+        load_params(path, paths=False)
+    assert (
+        str(exc.value) == f"{path}:{first + 1}: duplicate key 'max_steps' (first at line {first}); keep one of the two."
+    )
+
+
+def test_a_validator_message_says_got_once(tmp_path: Path) -> None:
+    params = repo_params()
+    params["data"]["resolution"] = 100
+    with pytest.raises(ParamsError) as exc:
+        load_params(write(tmp_path, params), paths=False)
+    assert str(exc.value).count("got 100") == 1
 
 
 def test_manifest_layout_requires_a_manifest() -> None:

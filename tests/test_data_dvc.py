@@ -143,6 +143,29 @@ def test_repro_runs_prepare_once_and_again_only_when_the_data_changes(project):
     assert "Running stage 'prepare'" in dvc(project, "repro")
 
 
+def test_a_failed_prepare_loses_data_prepared_under_dvc_and_restore_outputs_brings_it_back(project):
+    from flows.retrain import restore_outputs
+
+    dvc(project, "repro")
+    before = {p.relative_to(project).as_posix(): p.read_bytes() for p in (project / "data" / "prepared").rglob("*")
+              if p.is_file()}  # fmt: skip
+    (project / "data" / "raw" / "broken.png").write_bytes(b"not a png")
+    with open(project / "data" / "raw" / "metadata.jsonl", "a") as rows:
+        rows.write(json.dumps({"file_name": "broken.png", "text": "a broken file"}) + "\n")
+    set_param(project, "data.on_invalid", "fail")
+    failed = subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), "repro"], cwd=project, env=env(), capture_output=True, text=True
+    )
+    assert failed.returncode != 0
+    assert "by hand run `dvc checkout prepare`" in failed.stderr  # the stage's message says how to get it back
+    assert not (project / "data" / "prepared").exists()  # DVC removed it before running the stage
+
+    assert restore_outputs(project, "prepare") == "restored the last good outputs of 'prepare' (dvc checkout prepare)"
+    after = {p.relative_to(project).as_posix(): p.read_bytes() for p in (project / "data" / "prepared").rglob("*")
+             if p.is_file()}  # fmt: skip
+    assert after == before
+
+
 def test_a_remote_folder_imported_with_dvc_is_a_source_and_dvc_update_brings_new_files(project, tmp_path):
     # A local folder stands in for s3://bucket/images: `dvc import-url` treats both the same way.
     remote = tmp_path / "bucket" / "images"

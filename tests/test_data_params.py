@@ -57,6 +57,7 @@ def test_bad_bucketing_is_named(tmp_path, bucketing, expected):
 
 def test_manifest_is_found_relative_to_the_source(tmp_path):
     (tmp_path / "models" / "tiny-sd").mkdir(parents=True)
+    (tmp_path / "models" / "tiny-sd" / "model_index.json").write_text("{}")
     (tmp_path / "data" / "raw").mkdir(parents=True)
     path = write_params(tmp_path, source="data/raw", layout="manifest", manifest="list.csv")
 
@@ -65,3 +66,18 @@ def test_manifest_is_found_relative_to_the_source(tmp_path):
 
     (tmp_path / "data" / "raw" / "list.csv").write_text("file_name,text\n")
     assert load_params(path).data.manifest == "list.csv"
+
+
+@pytest.mark.parametrize("manifest", ["../list.jsonl", "sub/../../list.jsonl", "/abs/list.jsonl"])
+def test_a_manifest_outside_the_source_is_refused(tmp_path, manifest):
+    # DVC tracks data.source only: a manifest elsewhere would be read, but editing it would not re-run prepare.
+    path = write_params(tmp_path, source="data/raw", layout="manifest", manifest=manifest)
+    line = next(i for i, row in enumerate(path.read_text().splitlines(), 1) if row.strip().startswith("manifest:"))
+    message = error(path)
+    assert f"{path}:{line}: 'data.manifest': Value error, must be a path inside data.source" in message
+    assert "Move the file into data.source" in message
+
+
+def test_a_manifest_in_a_subfolder_of_the_source_is_fine(tmp_path):
+    path = write_params(tmp_path, source="data/raw", layout="manifest", manifest="lists/../lists/a.csv")
+    assert load_params(path, paths=False).data.manifest == "lists/../lists/a.csv"

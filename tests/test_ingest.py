@@ -20,6 +20,7 @@ from pipeline.ingest import (
     file_sha256,
     find_duplicates,
     hamming,
+    hidden_entries,
     load_image,
     nearest_bucket,
     perceptual_hash,
@@ -165,7 +166,6 @@ def test_two_metadata_files_are_ambiguous(tmp_path):
         ('{"file_name": "b.png", "text": "unclosed}', "not valid JSON"),
         ('["b.png", "a list"]', "is a JSON list, not an object"),
         ('{"image": "b.png", "text": "x"}', "has no 'file_name' string"),
-        ('{"file_name": "b.png", "text": 3}', "'text' is a int, not a string"),
     ],
 )
 def test_malformed_jsonl_line_is_reported_with_its_number(tmp_path, bad_line, message):
@@ -174,6 +174,27 @@ def test_malformed_jsonl_line_is_reported_with_its_number(tmp_path, bad_line, me
     with pytest.raises(DataError, match=message) as e:
         read_items(tmp_path)
     assert f"{tmp_path / 'metadata.jsonl'} line 3" in str(e.value)
+
+
+def test_a_caption_that_is_not_text_rejects_its_item_only(tmp_path):
+    save(noise(), tmp_path / "a.png")
+    save(noise(), tmp_path / "b.png")
+    write(
+        tmp_path / "metadata.jsonl", jsonl({"file_name": "a.png", "text": "a cat"}, {"file_name": "b.png", "text": 3})
+    )
+    items, rejections, _ = read_items(tmp_path)
+    assert [i.rel for i in items] == ["a.png"]
+    assert rejections == [
+        Rejection("b.png", "caption not text", "metadata.jsonl line 2: 'text' is an int (3), not a string; quote it")
+    ]
+
+
+def test_hidden_entries_are_what_the_scan_leaves_out(tmp_path):
+    save(noise(), tmp_path / "a.png")
+    write(tmp_path / ".DS_Store", "finder")
+    write(tmp_path / "sub" / "._a.png", "apple double")
+    save(noise(), tmp_path / ".ipynb_checkpoints" / "x.png")
+    assert hidden_entries(tmp_path) == [".DS_Store", ".ipynb_checkpoints", "sub/._a.png"]
 
 
 def test_csv_row_with_unquoted_comma_is_reported_with_its_number(tmp_path):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import lineage, registry
+from pipeline import lineage, promotion, registry
 from tests.conftest import FAST, MODEL, new_project, sdft_env
 from tests.mlflow_server import MlflowServer, Tap, client_env
 
@@ -162,9 +162,9 @@ def test_champion_moved_during_registration_ends_as_a_stale_rejection(served, ht
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
     samples = json.loads((project / "reports" / "eval" / "samples.json").read_text())
     eval_hash = metrics["evaluation"]["eval_set_hash"]
-    cache = project / ".sdft" / "baselines" / f"{MODEL}-v2-{eval_hash[:16]}.json"
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"values": metrics["base"], "samples": samples["base"]}))
+    champion = registry.champion(MODEL)
+    assert champion is not None and champion.version == "2"
+    promotion.write_baseline_cache(project, MODEL, champion, eval_hash, metrics["base"], samples["base"])
 
     # A person rolls back to version 1 at the moment the retrain creates its version (after its checks passed).
     tap = Tap(server.port, b"/model-versions/create", lambda: registry.rollback(MODEL, "v2 misbehaves in prod"))

@@ -269,6 +269,35 @@ def test_cli_skip_policy_writes_the_good_items_and_reports_every_rejection(tmp_p
     assert report["identity"]["train"] == len(prepared["train"])
 
 
+def test_cli_notes_hidden_files_and_dropped_frames_and_skips_a_numeric_caption(tmp_path, cache, capsys):
+    source = tmp_path / "raw"
+    rows = good_images(source, 6)
+    frames = [noise(48, 40, seed=100 + i) for i in range(3)]
+    frames[0].save(source / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    save(noise(seed=50), source / "number.png")
+    rows += [{"file_name": "anim.gif", "text": "an animation"}, {"file_name": "number.png", "text": 42}]
+    write_jsonl(source / "metadata.jsonl", rows)
+    (source / ".DS_Store").write_bytes(b"Bud1")
+    (source / "._g0.png").write_bytes(b"apple double")
+
+    assert run_cli(tmp_path, source, cache, on_invalid="skip") == 0  # the numeric caption drops its item only
+
+    report_file = tmp_path / "reports" / "data_validation.json"
+    out = capsys.readouterr().out
+    assert (
+        f"note: 2 hidden file(s) or folder(s) not read (.DS_Store, ._g0.png): names starting with '.' are skipped "
+        f"(.DS_Store, ._x.jpg); see not_read in {report_file}"
+    ) in out
+    assert (
+        f"note: 1 animated image(s) (anim.gif): only the first frame is used, the other frames are dropped; listed "
+        f"under converted in {report_file}"
+    ) in out
+    report = json.loads(report_file.read_text())
+    assert [r["path"] for r in report["not_read"]] == [".DS_Store", "._g0.png"]
+    assert {r["path"]: r["reason"] for r in report["rejected"]} == {"number.png": "caption not text"}
+    assert report["counts"]["accepted"] == 7
+
+
 def test_cli_bad_source_is_a_data_error(tmp_path, cache, capsys):
     assert run_cli(tmp_path, tmp_path / "nope", cache) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -183,13 +183,59 @@ def test_checkpoint_of_other_params_is_not_resumed(tmp_path: Path, tiny_model: P
     params = tp(max_steps=2, checkpoint_every=2)
     train(load_components(str(tiny_model)), train_split, val_split, params, checkpoints=tmp_path, fingerprint="a")
     assert [s for s, _ in checkpoint.step_dirs(tmp_path)] == [2]
-    path, reason = checkpoint.find_resumable(tmp_path, "b")
-    assert path is None and "fingerprint mismatch" in reason
+    found, reason, skipped = checkpoint.load_newest(tmp_path, "b")
+    assert found is None and "fingerprint mismatch" in reason and skipped == []
     result = train(
         load_components(str(tiny_model)), train_split, val_split, tp(max_steps=1), checkpoints=tmp_path, fingerprint="b"
     )
     assert result.resumed_from_step is None and result.steps == 1
     assert checkpoint.step_dirs(tmp_path) == []  # the other run's checkpoints were cleared
+
+
+def test_a_truncated_checkpoint_is_skipped_and_the_older_intact_one_resumed(
+    tmp_path: Path, tiny_model: Path, splits, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train_split, val_split = splits
+    params = tp(max_steps=4, checkpoint_every=2, checkpoints_total_limit=2)
+    train(load_components(str(tiny_model)), train_split, val_split, params, checkpoints=tmp_path, fingerprint="a")
+    assert [s for s, _ in checkpoint.step_dirs(tmp_path)] == [2, 4]
+    newest = tmp_path / "step-000004" / checkpoint.TENSORS
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # e.g. a disk that filled up mid-copy
+    capsys.readouterr()
+
+    result = train(
+        load_components(str(tiny_model)), train_split, val_split, tp(max_steps=6, checkpoint_every=2,
+        checkpoints_total_limit=2), checkpoints=tmp_path, fingerprint="a",
+    )  # fmt: skip
+    assert result.resumed_from_step == 2 and result.steps == 6
+    err = capsys.readouterr().err
+    assert f"skipped damaged checkpoint {tmp_path / 'step-000004'}: tensors.safetensors unreadable" in err
+    assert checkpoint.load(tmp_path / "step-000004").step == 4  # written again, whole, by the resumed run
+
+
+def test_a_full_disk_during_a_checkpoint_write_is_a_clear_error_and_leaves_no_partial(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import safetensors.torch
+
+    tensors = {"w": torch.ones(256, 256)}
+    checkpoint.save(tmp_path, 2, tensors, {}, keep=3, run_fingerprint="a")
+
+    def disk_full(data: dict, filename: str, metadata: Any = None) -> None:
+        Path(filename).write_bytes(b"\0" * 1000)  # half a file, as a full disk leaves it
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(checkpoint.CheckpointWriteError) as failed:
+        checkpoint.save(tmp_path, 4, tensors, {}, keep=3, run_fingerprint="a")
+    message = str(failed.value)
+    assert f"could not write checkpoint {tmp_path / 'step-000004'} (No space left on device)" in message
+    assert "MiB free on that disk" in message and "needs about 0.2 MiB" in message
+    assert failed.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002"]  # no partial folder left behind
+    assert checkpoint.load(tmp_path / "step-000002").step == 2
 
 
 def test_fingerprint_ignores_bookkeeping_only() -> None:
