@@ -228,6 +228,7 @@ def test_lora_trained_on_aspect_ratio_buckets(tmp_path: Path, tiny_model: Path) 
     from tests.test_encode import SIZES, make_prepared
 
     buckets = make_prepared(tmp_path / "prepared", SIZES)  # held-out images of three sizes too
+    shutil.copytree(buckets / "validation", buckets / "test")  # evaluate's held-out set = train's (see `prepared`)
     result = train_output(tiny_model, buckets, tmp_path / "adapter")
     code, summary, samples = run_evaluate(tmp_path, tiny_model, buckets, tmp_path / "adapter")
     assert code == 0
