@@ -266,7 +266,9 @@ def model_card(
         load,
         "```",
         "",
-        f"`{KOHYA_FILE}` (when present) holds the same LoRA with kohya key names for AUTOMATIC1111 and ComfyUI.",
+        f"`{KOHYA_FILE}` (when present) holds the same LoRA with kohya key names (SDXL: the original UNet's block "
+        "names, as kohya-ss/sd-scripts writes them) for AUTOMATIC1111, ComfyUI and sd-scripts; the diffusers file "
+        "above keeps text-encoder keys under `text_model.`, which older diffusers versions need.",
         "",
         "## Train parameters",
         "",
