@@ -292,7 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.adapter / ADAPTER_FILE).is_file():
         print(f"error: no {ADAPTER_FILE} in {args.adapter}", file=sys.stderr)
         return 2
-    print(export_kohya(args.adapter, args.out, args.base_model, args.data_hash))
+    try:
+        print(export_kohya(args.adapter, args.out, args.base_model, args.data_hash))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -65,6 +65,10 @@ def test_text_encoder_lora_exports_kohya_keys_that_map_to_its_modules(tmp_path: 
     params = tp(max_steps=1, train_text_encoder=True, lora_rank=2, lora_alpha=8)
     components = load_components(str(tiny_model))
     folder = save_adapter(train(components, *splits, params), tmp_path / "adapter").parent
+    # The diffusers file keeps CLIP's checkpoint layout too (transformers 5's CLIPTextModel has no `text_model.`).
+    with safe_open(str(folder / "pytorch_lora_weights.safetensors"), "pt") as handle:
+        text_keys = [k for k in handle.keys() if k.startswith("text_encoder")]  # noqa: SIM118
+    assert text_keys and all(k.startswith("text_encoder.text_model.encoder.layers.") for k in text_keys)
     out = export_kohya(folder, tmp_path / KOHYA_FILE, "models/tiny-sd", "")
     # kohya names follow the original checkpoint layout, where CLIP's modules sit under `text_model.`
     text_modules = {
@@ -96,6 +100,14 @@ def test_to_kohya_names_the_sd1_text_encoder_lora_te() -> None:
 def test_export_cli_and_model_card(tmp_path: Path, adapter: Path) -> None:
     assert main(["--adapter", str(tmp_path), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert main(["--adapter", str(adapter), "--out", str(tmp_path / "x.safetensors")]) == 0
+    sdxl_like = tmp_path / "sdxl-adapter"  # SDXL names need the base's UNet config: an error without --base-model
+    sdxl_like.mkdir()
+    (sdxl_like / "pytorch_lora_weights.safetensors").write_bytes(
+        (adapter / "pytorch_lora_weights.safetensors").read_bytes()
+    )
+    (sdxl_like / "training.json").write_text(json.dumps({"architecture": "sdxl"}))
+    assert main(["--adapter", str(sdxl_like), "--out", str(tmp_path / "y.safetensors")]) == 2
+    assert not (tmp_path / "y.safetensors").exists()
     assert (tmp_path / "x.safetensors").stat().st_size > 0
     summary = {"method": "lora", "best_val_loss": 0.5, "best_step": 4, "initial_val_loss": 0.6, "stop_reason": "done"}
     card = model_card("models/tiny-sd", "deadbeef", {"lora_rank": 2}, summary, ["pytorch_lora_weights.safetensors"])
