@@ -359,11 +359,13 @@ def load_lora(pipe: Any, folder: Path | str, weight_name: str = "pytorch_lora_we
         weights = {k[len(prefix) :]: v for k, v in text.items() if k.startswith(prefix)}
         if not weights:
             continue
+        model = getattr(pipe, name)
+        if not hasattr(model, "text_model"):  # transformers 5's flat CLIPTextModel; files keep `text_model.`
+            weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
         fields = {k[len(prefix) :]: v for k, v in (metadata or {}).items() if k.startswith(prefix)}
         if not fields:
             raise ValueError(f"{folder}: {name} LoRA weights without their LoRA config in the safetensors header")
         config = LoraConfig(**{k: v for k, v in fields.items() if k in LoraConfig.__dataclass_fields__})
-        model = getattr(pipe, name)
         inject_adapter_in_model(config, model, adapter_name="default")
         result = set_peft_model_state_dict(model, weights, adapter_name="default")
         if result.unexpected_keys:

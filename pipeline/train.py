@@ -1150,6 +1150,20 @@ def _peak_memory_mb() -> float:
 # --- outputs -----------------------------------------------------------------------------------------------------
 
 
+def checkpoint_layout(name: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A model's LoRA keys as every reader expects them: CLIP text encoders' modules under `text_model.`.
+
+    transformers 5 flattened `CLIPTextModel` (`encoder.layers.N...`); transformers 4 and the original checkpoints keep
+    `text_model.encoder.layers.N...`, which is what diffusers' own `save_lora_weights` wrote under transformers 4 and
+    what older diffusers and ComfyUI map. diffusers 0.42 drops the prefix again for a flattened model, and
+    `diffusion.load_lora` does the same, so one file loads on both sides.
+    (`CLIPTextModelWithProjection`, SDXL's second encoder, still has `text_model` in transformers 5.)
+    """
+    if not name.startswith("text_encoder"):
+        return state
+    return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
+
+
 def save_adapter(result: TrainResult, out: Path, base: dict[str, Any] | None = None) -> Path:
     """Write what was trained, atomically.
 
@@ -1167,7 +1181,7 @@ def save_adapter(result: TrainResult, out: Path, base: dict[str, Any] | None = N
             # PEFT key names (lora_A/lora_B), which `load_lora_weights` reads as they are. diffusers'
             # `convert_state_dict_to_diffusers` renames only the attention keys, and a file mixing both namings
             # loads wrongly once LoRA also targets feed-forward or conv layers.
-            layers[f"{name}_lora_layers"] = lora_state_dict(model)
+            layers[f"{name}_lora_layers"] = checkpoint_layout(name, lora_state_dict(model))
             config = model.peft_config["default"].to_dict()
             # Sets (target_modules) are sorted here: diffusers writes them in set order, which changes per process.
             # (safetensors still orders the header's metadata keys per process, so rebuilds compare tensor hashes.)
@@ -1331,7 +1345,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     save_adapter(result, args.out, {"base_model": params.base.model, "base_revision": params.base.revision})
     if params.train.export_kohya:
-        export_kohya(args.out, args.out / KOHYA_FILE, params.base.model, result.data_hash)
+        export_kohya(args.out, args.out / KOHYA_FILE, params.base.model, result.data_hash, dict(components.unet.config))
     write_reports(result, args.report)
     grid = best_samples(result, components, params.train, *splits)
     if grid is not None:
