@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline import encode, promotion, train
+from pipeline import encode, promotion, registry, train
 from pipeline.config import load_params
 from pipeline.diffusion import TEST, TRAINING_SPLITS
 from tests.test_train import prepared, write_params, write_split  # noqa: F401  (prepared is a fixture)
@@ -144,20 +144,20 @@ def test_champion_baseline_cached_for_another_evaluation_set_is_measured_again(
 ) -> None:
     params = load_params(gate_project / "params.yaml", paths=False)
     name = params.registry.model_name
-    cache = gate_project / promotion.CACHE
-    cache.mkdir(parents=True)
-    old = {"values": {"val_loss": 0.2}, "samples": {"val_loss": [0.2] * 8}}
-    (cache / f"{name}-v3-{'a' * 16}.json").write_text(json.dumps(old))  # measured on the old validation split
+    champion = registry.Champion(version="3", run_id="r" * 32, source="models:/x/3", adapter_sha256="f" * 64)
+    # Measured on the old validation split (its own evaluation-set hash).
+    promotion.write_baseline_cache(gate_project, name, champion, "a" * 64, {"val_loss": 0.2}, {"val_loss": [0.2] * 8})
+    capsys.readouterr()
 
     # The same set: the cache answers, and the registry is never asked.
-    cached, from_cache = promotion.champion_metrics(params, gate_project, gate_project, "3", "a" * 64)
+    cached, from_cache = promotion.champion_metrics(params, gate_project, gate_project, champion, "a" * 64)
     assert from_cache and cached.values == {"val_loss": 0.2}
     assert capsys.readouterr().out == ""
 
     # The new test split: the old entry is not reused; one line says the champion is measured again. (The store has
     # no such model, so measuring it then fails: what matters here is that the old number was not taken.)
     with pytest.raises(Exception, match=name):
-        promotion.champion_metrics(params, gate_project, gate_project, "3", "b" * 64)
+        promotion.champion_metrics(params, gate_project, gate_project, champion, "b" * 64)
     (line,) = capsys.readouterr().out.splitlines()
     assert line == (
         "gate: champion v3's cached baseline was measured on another evaluation set (new data, the new test split, "
