@@ -268,7 +268,7 @@ def write_confusion_csv(result: Adherence, attribute: str, path: Path) -> Path:
     return path
 
 
-def confusion_image(result: Adherence, attribute: str, cell: int = 44) -> Any:
+def confusion_image(result: Adherence, attribute: str, cell: int = 52) -> Any:
     """The confusion matrix of one attribute as a small labelled heat map (PIL image; rows asked, columns seen)."""
     from PIL import Image, ImageDraw
 
@@ -277,10 +277,10 @@ def confusion_image(result: Adherence, attribute: str, cell: int = 44) -> Any:
     left, top = 70, 34
     image = Image.new("RGB", (left + cell * len(names) + 4, top + cell * len(names) + 4), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((4, 2), f"{attribute}: rows asked, columns seen", fill="black")
+    draw.text((4, 2), f"{attribute}: row = asked, column = seen", fill="black")
     peak = max(1, max(max(row) for row in matrix))
     for j, name in enumerate(names):
-        draw.text((left + j * cell + 2, top - 14), name[:7], fill="black")
+        draw.text((left + j * cell + 2, top - 14), name[:8], fill="black")
     for i, (name, row) in enumerate(zip(names, matrix, strict=True)):
         draw.text((4, top + i * cell + cell // 2 - 6), name[:10], fill="black")
         for j, count in enumerate(row):
