@@ -237,10 +237,13 @@ def skipped_metrics(eval_set: EvalSet) -> dict[str, str]:
         out["mifid"] = "needs at least 2 training and 2 generated images"
     if not eval_set.general_prompts:
         out["forgetting_clip_score"] = "evaluate.general_prompts is empty"
+    adherence = ("adherence_accuracy", "adherence_f1", *(f"{a}_accuracy" for a in judges.ATTRIBUTES))
     if not world_prompts(eval_set.prompts):
-        out["adherence_accuracy"] = "no held-out caption or evaluate.prompts entry is a shape-world scene"
+        why = "no held-out caption or evaluate.prompts entry is a shape-world scene"
+        out |= dict.fromkeys(adherence, why)
     if not world_prompts(eval_set.general_prompts):
-        out["base_adherence_accuracy"] = "no evaluate.general_prompts entry is a shape-world scene"
+        why = "no evaluate.general_prompts entry is a shape-world scene"
+        out |= dict.fromkeys((f"base_{m}" for m in adherence), why)
     if not p.label_vocabulary:
         out["zero_shot_accuracy"] = "evaluate.label_vocabulary is empty"
     elif not any(metrics.label_of(q, p.label_vocabulary) for q in eval_set.prompts):

@@ -274,3 +274,17 @@ def test_validation_adherence_is_deterministic_for_a_pipeline(classifier: ShapeJ
     first = judges.validation_adherence(pipe, classifier, prompts, **kwargs)
     assert set(first) == {"adherence_accuracy", "adherence_f1", *(f"{a}_accuracy" for a in ATTRIBUTES)}
     assert first == judges.validation_adherence(pipe, classifier, prompts, **kwargs)
+
+
+def test_adherence_is_skipped_and_refused_as_a_gate_metric_without_shape_world_prompts() -> None:
+    from pipeline.config import EvaluateParams
+    from pipeline.diffusion import Split
+
+    params = EvaluateParams(prompts=["a photo of a dog"], general_prompts=["a bowl of fruit"])
+    eval_set = evaluate.build_eval_set(Split([], ["a cat on a sofa"], ["h"]), params, 64)
+    skipped = evaluate.skipped_metrics(eval_set)
+    assert {"adherence_accuracy", "adherence_f1", "colour_accuracy", "base_adherence_accuracy"} <= set(skipped)
+    problems = metrics.gate_metric_problems(["adherence_f1", "base_adherence_accuracy"], {}, skipped)
+    assert len(problems) == 2 and "shape-world scene" in problems[0]
+    world_set = evaluate.build_eval_set(Split([], ["a red circle on a white background"], ["h"]), params, 64)
+    assert "adherence_f1" not in evaluate.skipped_metrics(world_set)
