@@ -239,10 +239,25 @@ class TrainParams(_Section):
         return LORA_TARGETS[self.lora_targets] if isinstance(self.lora_targets, str) else list(self.lora_targets)
 
 
+# The shape world's defaults (pipeline/world.py): what the demo fine-tune learns (purple), and what the base model
+# already knew (red, green, blue), for forgetting.
+DEFAULT_EVAL_PROMPTS = ("a purple circle on a white background", "a purple triangle on a black background")
+DEFAULT_GENERAL_PROMPTS = (
+    "a red square on a black background",
+    "a green circle on a white background",
+    "a blue triangle on a white background",
+    "a red triangle on a white background",
+    "a green square on a black background",
+    "a blue circle on a black background",
+)
+
+
 class EvaluateParams(_Section):
     seed: int = 1234
     val_timesteps: Annotated[int, Field(ge=1)] = 10
-    prompts: list[str] = Field(default_factory=list, description="Fixed prompts, generated for every model.")
+    prompts: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_EVAL_PROMPTS), description="Fixed prompts, generated for every model."
+    )
     images_per_prompt: Annotated[int, Field(ge=1)] = 2
     num_inference_steps: Annotated[int, Field(ge=1)] = 10
     guidance_scale: Annotated[float, Field(ge=1)] = 5.0
@@ -251,12 +266,15 @@ class EvaluateParams(_Section):
     )
     batch_size: Annotated[int, Field(ge=1)] = Field(8, description="Images generated per pipeline call.")
     clip_model: Annotated[str, Field(min_length=1)] = Field(
-        "tiny", description="'tiny' (random, plumbing only), a hub id or a local CLIP folder."
+        "judge",
+        description="'judge' (the shipped shape-world tiny CLIP, assets/judges/clip), 'tiny' (random, plumbing "
+        "only), a hub id or a local CLIP folder.",
     )
     image_features: Annotated[str, Field(min_length=1)] = Field(
-        "tiny",
-        description="'tiny' (random, plumbing only), 'inception', 'dinov2', a local transformers vision-model "
-        "folder, or a local Inception weights file (.pth).",
+        "judge",
+        description="'judge' (the shipped shape-world classifier's features, assets/judges/classifier), 'tiny' "
+        "(random, plumbing only), 'inception', 'dinov2', a local transformers vision-model folder, or a local "
+        "Inception weights file (.pth).",
     )
     fid_min_n: Annotated[int, Field(ge=2)] = Field(
         2048, description="Below this many real or generated images FID is flagged untrusted_small_n."
@@ -267,7 +285,9 @@ class EvaluateParams(_Section):
         5, description="Generated images with the most similar training image, listed per model."
     )
     general_prompts: list[str] = Field(
-        default_factory=list, description="Prompts unrelated to the training data, for forgetting_clip_score."
+        default_factory=lambda: list(DEFAULT_GENERAL_PROMPTS),
+        description="Prompts outside the training data (the base model's own vocabulary), for forgetting: "
+        "forgetting_clip_score, and base_adherence_* for those that are shape-world scenes.",
     )
     label_vocabulary: list[str] = Field(
         default_factory=list, description="Class words for zero-shot prompt-adherence accuracy (empty: skipped)."

@@ -19,7 +19,11 @@ Metrics per model (functions and citations in `pipeline.metrics`):
   is on the validation split);
 - `clip_score`: CLIP text-image agreement per generated image; `forgetting_clip_score`: the same on
   `evaluate.general_prompts`, unrelated to the training data (candidate below base: the model forgot);
-- `adherence_*`: zero-shot CLIP classification of each generated image over `evaluate.label_vocabulary`;
+- `adherence_*` (own prompts) and `base_adherence_*` (`evaluate.general_prompts`): for every prompt that is a
+  shape-world scene (`pipeline/world.py`), whether the classifier judge sees the shape, colour and background it
+  asked for: accuracy overall and per attribute (per-image 0/1, so paired), per-class precision/recall/F1, macro F1,
+  and confusion matrices (`pipeline.judges`);
+- `zero_shot_*`: zero-shot CLIP classification of each generated image over `evaluate.label_vocabulary`;
 - `fid`, `kid`, `precision`/`recall`/`f1`, `density`/`coverage`: generated vs held-out real image features;
 - `mifid`, `memorisation_similarity`: generated vs training image features.
 Cost (images, seconds, images/s, seconds per metric) goes to `evaluation.cost`.
@@ -53,7 +57,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from pipeline import candidate, env, metrics
+from pipeline import candidate, env, judges, metrics, world
+from pipeline.assets import AssetError
 from pipeline.config import EvaluateParams, ParamsError, load_params, resolve_model
 from pipeline.diffusion import (
     TEST,
@@ -69,7 +74,19 @@ from pipeline.diffusion import (
     read_split,
     stack_if_one_size,
 )
-from pipeline.features import PLUMBING_ONLY, MissingWeightsError, build_clip, build_image_features, extract
+from pipeline.features import (
+    JUDGE,
+    PLUMBING_ONLY,
+    MissingWeightsError,
+    build_clip,
+    build_image_features,
+    describe_clip,
+    describe_image_features,
+    extract,
+    judges_fingerprint,
+    load_judge_classifier,
+    module_device,
+)
 from pipeline.stats import paired_bootstrap
 
 # Settings that change the report, not any model's values or per-sample numbers.
@@ -133,6 +150,8 @@ class EvalSet:
             "resolution": self.resolution,
             "params": self.params.model_dump(exclude=REPORT_ONLY),
         }
+        if uses_judges(self):  # retrained judges change the numbers: cached champion results must not match
+            payload["judges"] = judges_fingerprint()
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -148,6 +167,17 @@ def build_eval_set(validation: Split, params: EvaluateParams, resolution: int, t
     return EvalSet(validation, train, prompts, seeds, general, general_seeds, resolution, params)
 
 
+def world_prompts(prompts: list[str]) -> bool:
+    """Whether any prompt is a shape-world scene, so the classifier judge can score adherence to it."""
+    return any(world.parse_caption(q) is not None for q in prompts)
+
+
+def uses_judges(eval_set: EvalSet) -> bool:
+    """Whether this evaluation's numbers come (partly) from the shipped shape-world judges."""
+    p = eval_set.params
+    return JUDGE in (p.clip_model, p.image_features) or world_prompts(eval_set.prompts + eval_set.general_prompts)
+
+
 @dataclass
 class Extractors:
     """Feature extractors, built once and shared by every model evaluated in a process."""
@@ -155,24 +185,40 @@ class Extractors:
     clip: tuple[Any, Any]  # (PooledCLIP, processor)
     image_features: torch.nn.Module
     plumbing_only: list[str]  # which of evaluate.clip_model / evaluate.image_features are the tiny random ones
+    names: dict[str, str] = field(default_factory=dict)  # what each extractor is, in words
+    classifier: judges.ShapeJudge | None = None  # the shape-world classifier judge, for adherence
 
     @property
     def description(self) -> str:
+        said = "; ".join(f"{key}: {name}" for key, name in self.names.items()) or "extractors"
         if not self.plumbing_only:
-            return "real pretrained extractors"
-        return f"{' and '.join(self.plumbing_only)}: {PLUMBING_ONLY}"
+            return said
+        return f"{said} ({' and '.join(self.plumbing_only)}: {PLUMBING_ONLY})"
 
 
-def build_extractors(params: EvaluateParams, tokenizer: Any, device: torch.device | None = None) -> Extractors:
-    """The extractors `evaluate.clip_model` and `evaluate.image_features` name (MissingWeightsError when absent), on
-    `device` (default: the CPU)."""
+def build_extractors(
+    params: EvaluateParams, tokenizer: Any, device: torch.device | None = None, adherence: bool = False
+) -> Extractors:
+    """The extractors `evaluate.clip_model` and `evaluate.image_features` name (MissingWeightsError when absent,
+    AssetError when a shipped judge does not match its manifest), on `device` (default: the CPU). `adherence`: also
+    load the classifier judge (the image-feature extractor itself when that is `judge`)."""
     clip, clip_tiny = build_clip(params.clip_model, tokenizer, seed=params.seed)
     image_features, features_tiny = build_image_features(params.image_features, seed=params.seed)
+    classifier = None
+    if adherence:
+        is_judge = isinstance(image_features, judges.ShapeJudge)
+        classifier = image_features if is_judge else load_judge_classifier()
     if device is not None:
         clip[0].to(device)
         image_features.to(device)
+        if classifier is not None:
+            classifier.to(device)
     tiny = [key for key, is_tiny in (("clip_model", clip_tiny), ("image_features", features_tiny)) if is_tiny]
-    return Extractors(clip, image_features, [f"evaluate.{key}=tiny" for key in tiny])
+    names = {
+        "CLIP": describe_clip(params.clip_model),
+        "image features": describe_image_features(params.image_features),
+    }
+    return Extractors(clip, image_features, [f"evaluate.{key}=tiny" for key in tiny], names, classifier)
 
 
 @dataclass
@@ -226,10 +272,17 @@ def skipped_metrics(eval_set: EvalSet) -> dict[str, str]:
         out["mifid"] = "needs at least 2 training and 2 generated images"
     if not eval_set.general_prompts:
         out["forgetting_clip_score"] = "evaluate.general_prompts is empty"
+    adherence = ("adherence_accuracy", "adherence_f1", *(f"{a}_accuracy" for a in judges.ATTRIBUTES))
+    if not world_prompts(eval_set.prompts):
+        why = "no held-out caption or evaluate.prompts entry is a shape-world scene"
+        out |= dict.fromkeys(adherence, why)
+    if not world_prompts(eval_set.general_prompts):
+        why = "no evaluate.general_prompts entry is a shape-world scene"
+        out |= dict.fromkeys((f"base_{m}" for m in adherence), why)
     if not p.label_vocabulary:
-        out["adherence_accuracy"] = "evaluate.label_vocabulary is empty"
+        out["zero_shot_accuracy"] = "evaluate.label_vocabulary is empty"
     elif not any(metrics.label_of(q, p.label_vocabulary) for q in eval_set.prompts):
-        out["adherence_accuracy"] = "no prompt names exactly one word of evaluate.label_vocabulary"
+        out["zero_shot_accuracy"] = "no prompt names exactly one word of evaluate.label_vocabulary"
     if min(n_real, n_fake) < 2:
         out |= dict.fromkeys(("fid", "kid"), "needs at least 2 held-out and 2 generated images")
     return out
@@ -247,6 +300,7 @@ class ModelEval:
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)  # seconds per metric
     model: dict[str, Any] = field(default_factory=dict)  # what was measured: method, architecture, prediction type
+    adherence: dict[str, judges.Adherence] = field(default_factory=dict, repr=False)  # "prompts" / "general_prompts"
 
 
 def uint8(images: list[Image.Image], square: int | None = None) -> torch.Tensor:
@@ -344,8 +398,28 @@ def evaluate_model(name: str, pipe: Any, eval_set: EvalSet, reference: Reference
             general_emb = metrics.image_embeddings(clip, processor, uint8(general))
             general_text = metrics.text_embeddings(clip, processor, eval_set.general_prompts)
             samples["forgetting_clip_score"] = metrics.clip_scores(general_emb, general_text)
-    if "adherence_accuracy" not in skipped:
-        with timer("adherence"):
+    adherence: dict[str, judges.Adherence] = {}
+    for key, prefix, prompts, generated in (
+        ("prompts", "", eval_set.prompts, images),
+        ("general_prompts", "base_", eval_set.general_prompts, general),
+    ):
+        if f"{prefix}adherence_accuracy" in skipped:
+            continue
+        if extractors.classifier is None:  # built without adherence=True: load the shipped judge now, once
+            extractors.classifier = load_judge_classifier().to(module_device(extractors.image_features))
+        with timer(f"{prefix}adherence"):
+            result, judged = judges.adherence(extractors.classifier, uint8(generated), prompts)
+            adherence[key] = result
+            values |= judges.adherence_metrics(result, prefix)
+            values |= judges.per_class_metrics(result, prefix)
+            samples[f"{prefix}adherence_accuracy"] = result.all_correct
+            for attribute in judges.ATTRIBUTES:
+                samples[f"{prefix}{attribute}_accuracy"] = result.correct[attribute]
+            if key == "prompts":
+                seen = dict(zip(judged, result.seen, strict=True))
+                per_image["judged_scene"] = [seen[i].caption if i in seen else "" for i in range(len(prompts))]
+    if "zero_shot_accuracy" not in skipped:
+        with timer("zero_shot"):
             vocabulary = p.label_vocabulary
             label_emb = metrics.text_embeddings(clip, processor, [p.label_template.format(label=w) for w in vocabulary])
             predicted = metrics.zero_shot_labels(image_emb, label_emb, vocabulary)
@@ -354,8 +428,8 @@ def evaluate_model(name: str, pipe: Any, eval_set: EvalSet, reference: Reference
             report = metrics.classification_report(
                 [true[i] for i in labelled], [predicted[i] for i in labelled], vocabulary
             )
-            values |= {f"adherence_{k}": v for k, v in report.items()}
-            samples["adherence_accuracy"] = [float(true[i] == predicted[i]) for i in labelled]
+            values |= {f"zero_shot_{k}": v for k, v in report.items()}
+            samples["zero_shot_accuracy"] = [float(true[i] == predicted[i]) for i in labelled]
             per_image["predicted_label"] = predicted
 
     with timer("image_features"):
@@ -398,7 +472,9 @@ def evaluate_model(name: str, pipe: Any, eval_set: EvalSet, reference: Reference
     # Every metric with per-sample values is reported as their mean, so the gate's interval is about that number.
     values = {k: float(np.mean(v)) for k, v in samples.items()} | values
     seconds = time.perf_counter() - start
-    return ModelEval(name, values, samples, images, general, per_image, memorised, seconds, timer.seconds)
+    return ModelEval(
+        name, values, samples, images, general, per_image, memorised, seconds, timer.seconds, adherence=adherence
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -486,12 +562,19 @@ def write_outputs(
     with open(out / "per_prompt.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         extra = ["precision", "density", "memorisation_similarity"]
-        writer.writerow(["model", "index", "prompt", "seed", "clip_score", *extra, "nearest_train", "predicted_label"])
+        labels = ("nearest_train", "predicted_label", "judged_scene")
+        writer.writerow(["model", "index", "prompt", "seed", "clip_score", *extra, *labels])
         for r in results:
             for i, (prompt, seed) in enumerate(zip(eval_set.prompts, eval_set.seeds, strict=True)):
                 cells = [round(r.samples[k][i], 5) if k in r.samples else "" for k in ["clip_score", *extra]]
-                cells += [r.per_image[k][i] if k in r.per_image else "" for k in ("nearest_train", "predicted_label")]
+                cells += [r.per_image[k][i] if k in r.per_image else "" for k in labels]
                 writer.writerow([r.name, i, prompt, seed, *cells])
+    for result in results:
+        for key, adherence in result.adherence.items():
+            for attribute in judges.ATTRIBUTES:
+                stem = out / "confusion" / result.name / f"{key}_{attribute}"
+                judges.write_confusion_csv(adherence, attribute, stem.with_suffix(".csv"))
+                judges.confusion_image(adherence, attribute).save(stem.with_suffix(".png"))
     (out / "memorisation.json").write_text(json.dumps({r.name: r.memorised for r in results}, indent=1) + "\n")
     grid = contact_grid({r.name: r.images for r in results}, eval_set.prompts, p.images_per_prompt)
     grid.save(out / "grid.png")
@@ -511,6 +594,7 @@ def write_outputs(
         "n_general_per_model": len(eval_set.general_prompts),
         "num_inference_steps": p.num_inference_steps,
         "extractors": extractors.description,
+        "judges": judges_fingerprint() if uses_judges(eval_set) else None,
         "clip_model": p.clip_model,
         "image_features": p.image_features,
         "plumbing_only": bool(extractors.plumbing_only),
@@ -615,8 +699,9 @@ def _main(argv: list[str] | None) -> int:
         "prediction_type": pipe.scheduler.config.prediction_type,
     }
     try:
-        extractors = build_extractors(params.evaluate, pipe.tokenizer, device)
-    except (MissingWeightsError, ModuleNotFoundError) as exc:
+        adherence = world_prompts(eval_set.prompts + eval_set.general_prompts)
+        extractors = build_extractors(params.evaluate, pipe.tokenizer, device, adherence=adherence)
+    except (MissingWeightsError, ModuleNotFoundError, AssetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if extractors.plumbing_only:

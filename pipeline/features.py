@@ -1,8 +1,14 @@
 """Feature extractors for the image metrics, chosen in params, and the torchmetrics CLIPScore workaround.
 
-- `evaluate.clip_model`: `tiny` | a hub id | a local CLIP folder (text-image scores: CLIP score, zero-shot labels).
-- `evaluate.image_features`: `tiny` | `inception` | `dinov2` | a local transformers vision-model folder | a local
-  Inception weights file (`.pth`) (image-set metrics: FID, KID, precision/recall, density/coverage, memorisation).
+- `evaluate.clip_model`: `judge` | `tiny` | a hub id | a local CLIP folder (text-image scores: CLIP score, zero-shot
+  labels).
+- `evaluate.image_features`: `judge` | `tiny` | `inception` | `dinov2` | a local transformers vision-model folder | a
+  local Inception weights file (`.pth`) (image-set metrics: FID, KID, precision/recall, density/coverage,
+  memorisation).
+
+`judge` (the default) is the shape-world judges shipped in `assets/judges/` (`pipeline.pretrain_judges`): a tiny CLIP
+and the classifier's penultimate features, trained on renders of `pipeline/world.py`, so on the default world their
+numbers mean something; they are checked against their MANIFEST.json before loading.
 
 Real weights come from a local folder or the Hugging Face / torch hub cache, never from a download at run time here:
 when they are missing offline, `MissingWeightsError` names the file to place and the folder to put it in. `tiny`
@@ -23,9 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.assets import ASSETS, verify
 from pipeline.config import HUB_ID
 
 TINY = "tiny"
+JUDGE = "judge"
+JUDGES = ASSETS / "judges"
 PLUMBING_ONLY = "tiny random extractor built in code: numbers check the plumbing only, not image quality"
 
 # torch-fidelity's port of the TF Inception (the weights behind published FIDs), as torchmetrics loads it.
@@ -154,11 +163,43 @@ def load_clip(name_or_path: str, key: str = "evaluate.clip_model") -> tuple[Pool
     return PooledCLIP(model), CLIPProcessor.from_pretrained(name_or_path)
 
 
+def load_judge_clip(folder: Path | None = None) -> tuple[PooledCLIP, Any]:
+    """The shape-world tiny CLIP judge (`assets/judges/clip`), after checking its files against MANIFEST.json."""
+    folder = folder or JUDGES / "clip"
+    verify(folder)
+    return load_clip(str(folder), key="evaluate.clip_model=judge")
+
+
 def build_clip(spec: str, tokenizer: Any, seed: int = 0) -> tuple[tuple[PooledCLIP, Any], bool]:
     """((model, processor), is_plumbing_only) for `evaluate.clip_model`."""
     if spec == TINY:
         return tiny_clip(tokenizer, seed), True
+    if spec == JUDGE:
+        return load_judge_clip(), False
     return load_clip(spec), False
+
+
+def judges_fingerprint(folder: Path | None = None) -> str:
+    """sha256 over the shipped judges' MANIFEST.json files: it changes whenever a judge is rebuilt."""
+    import hashlib
+
+    folder = folder or JUDGES
+    digest = hashlib.sha256()
+    for name in ("classifier", "clip"):
+        manifest = folder / name / "MANIFEST.json"
+        digest.update(name.encode() + (manifest.read_bytes() if manifest.is_file() else b"missing"))
+    return digest.hexdigest()
+
+
+def describe_clip(spec: str) -> str:
+    """What `evaluate.clip_model` is, in words, for reports."""
+    if spec == TINY:
+        return "tiny random CLIP (plumbing only)"
+    if spec == JUDGE:
+        from pipeline.judges import CLIP_DESCRIPTION
+
+        return CLIP_DESCRIPTION
+    return f"CLIP {spec}"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -291,15 +332,42 @@ def load_hf_image_features(name_or_path: str) -> HFImageFeatures:
     return HFImageFeatures(model, size, mean, std)
 
 
+def load_judge_classifier(folder: Path | None = None) -> nn.Module:
+    """The shape-world classifier judge (`assets/judges/classifier`, a `pipeline.judges.ShapeJudge`), after checking
+    its files against MANIFEST.json. As an extractor it gives its penultimate-layer features."""
+    from pipeline.judges import ShapeJudge
+
+    folder = folder or JUDGES / "classifier"
+    verify(folder)
+    return ShapeJudge.from_pretrained(folder)
+
+
 def build_image_features(spec: str, seed: int = 0) -> tuple[nn.Module, bool]:
     """(extractor, is_plumbing_only) for `evaluate.image_features`."""
     if spec == TINY:
         return TinyImageFeatures(seed), True
+    if spec == JUDGE:
+        return load_judge_classifier(), False
     if spec == "inception" or spec.endswith((".pth", ".pt")):
         return InceptionFeatures(inception_weights(spec)), False
     if spec == "dinov2":
         return load_hf_image_features(DINOV2_HUB_ID), False
     return load_hf_image_features(spec), False
+
+
+def describe_image_features(spec: str) -> str:
+    """What `evaluate.image_features` is, in words, for reports."""
+    if spec == TINY:
+        return "tiny random conv features (plumbing only)"
+    if spec == JUDGE:
+        from pipeline.judges import CLASSIFIER_DESCRIPTION
+
+        return CLASSIFIER_DESCRIPTION
+    if spec == "inception" or spec.endswith((".pth", ".pt")):
+        return f"Inception v3 pool features ({spec})"
+    if spec == "dinov2":
+        return f"DINOv2 features ({DINOV2_HUB_ID})"
+    return f"vision-model features ({spec})"
 
 
 def module_device(module: nn.Module) -> torch.device:

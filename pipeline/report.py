@@ -3,7 +3,8 @@
 Images are inlined as base64 PNG thumbnails and the training curve as inline SVG, so `report.html` reads the same
 from a laptop, a CI artifact or MLflow, with no other file beside it. Sections: a plumbing-only warning when a tiny
 random extractor was used, the metric table with paired bootstrap intervals, baseline | candidate images per prompt,
-the forgetting prompts, the worst memorisation cases, prompt adherence per class, the training curve and the cost.
+the forgetting prompts, the worst memorisation cases, prompt adherence (the shape-world classifier judge: per attribute
+and class, with confusion matrices; zero-shot CLIP per class), the training curve and the cost.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import csv
 import html
 import io
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from pipeline.judges import ATTRIBUTES, confusion_image
 from pipeline.metrics import label_key
 
 THUMBNAIL = 256  # longest side of an inlined image, in pixels
@@ -38,7 +41,15 @@ HIGHER_IS_BETTER = {
     "mifid": False,
     "memorisation_similarity": False,
     "memorisation_max": False,
+    "zero_shot_accuracy": True,
+    **{
+        f"{prefix}{name}": True
+        for prefix in ("", "base_")
+        for name in ("adherence_accuracy", "adherence_f1", *(f"{a}_accuracy" for a in ATTRIBUTES))
+    },
 }
+# Per-class numbers have their own tables, not rows of the metric table.
+PER_CLASS = re.compile(r"^(base_)?(adherence|zero_shot)_(precision|recall|f1)_")
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -93,11 +104,7 @@ def metric_table(
     """Metric | each model | candidate - baseline | paired bootstrap interval | verdict. Per-class adherence numbers
     have their own table; untrusted metrics are marked."""
     untrusted = untrusted or {}
-    metrics = [
-        k
-        for k in dict.fromkeys(k for name in names for k in values[name])
-        if not k.startswith("adherence_") or k == "adherence_accuracy"
-    ]
+    metrics = [k for k in dict.fromkeys(k for name in names for k in values[name]) if not PER_CLASS.match(k)]
     two = len(names) >= 2
     head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
     if two:
@@ -162,22 +169,63 @@ def memorisation_table(name: str, cases: list[dict[str, Any]], images: list[Imag
     )
 
 
-def adherence_table(names: list[str], values: dict[str, dict[str, float]], vocabulary: list[str]) -> str:
+def adherence_table(
+    names: list[str],
+    values: dict[str, dict[str, float]],
+    vocabulary: list[str],
+    prefix: str = "zero_shot_",
+    table_id: str = "adherence",
+) -> str:
+    """Per class: each model's precision, recall and F1 (`{prefix}{measure}_{class}`), then the accuracy."""
     head = "".join(f"<th>{html.escape(n)} precision</th><th>recall</th><th>F1</th>" for n in names)
     rows = []
     for label in vocabulary:
         key = label_key(label)
         cells = "".join(
             "".join(
-                f'<td class="num">{_fmt(values[n].get(f"adherence_{m}_{key}"))}</td>'
+                f'<td class="num">{_fmt(values[n].get(f"{prefix}{m}_{key}"))}</td>'
                 for m in ("precision", "recall", "f1")
             )
             for n in names
         )
         rows.append(f"<tr><td>{html.escape(label)}</td>{cells}</tr>")
-    acc = "".join(f'<td class="num" colspan="3">{_fmt(values[n].get("adherence_accuracy"))}</td>' for n in names)
+    acc = "".join(f'<td class="num" colspan="3">{_fmt(values[n].get(f"{prefix}accuracy"))}</td>' for n in names)
     rows.append(f"<tr><td><b>accuracy</b></td>{acc}</tr>")
-    return f'<table id="adherence"><tr><th>class</th>{head}</tr>{"".join(rows)}</table>'
+    return f'<table id="{table_id}"><tr><th>class</th>{head}</tr>{"".join(rows)}</table>'
+
+
+def judge_section(results: list[Any]) -> list[str]:
+    """Adherence as the classifier judge sees it: per attribute and class, and each model's confusion matrices."""
+    names = [r.name for r in results]
+    values = {r.name: r.values for r in results}
+    out = []
+    for key, prefix, title in (
+        ("prompts", "", "own prompts (held-out captions and evaluate.prompts)"),
+        ("general_prompts", "base_", "base-vocabulary prompts (evaluate.general_prompts, for forgetting)"),
+    ):
+        judged = [r for r in results if key in r.adherence]
+        if not judged:
+            continue
+        first = judged[0].adherence[key]
+        out.append(f"<h3>{html.escape(title)}: {first.n} images per model</h3>")
+        head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+        rows = "".join(
+            f"<tr><td><code>{prefix}{m}</code></td>"
+            + "".join(f'<td class="num">{_fmt(values[n].get(f"{prefix}{m}"))}</td>' for n in names)
+            + "</tr>"
+            for m in ("adherence_accuracy", "adherence_f1", *(f"{a}_accuracy" for a in ATTRIBUTES))
+        )
+        out.append(f'<table id="{prefix}judge-adherence"><tr><th>metric</th>{head}</tr>{rows}</table>')
+        classes = [c for a in ATTRIBUTES for c in first.classes[a]]
+        out.append(adherence_table(names, values, classes, f"{prefix}adherence_", f"{prefix}judge-per-class"))
+        for r in judged:
+            images = "".join(
+                f'<img src="{png_data_uri(confusion_image(r.adherence[key], a), 512)}" alt="{html.escape(r.name)} '
+                f'{a} confusion" title="{html.escape(r.name)}: {a}" style="margin: 2px">'
+                for a in ATTRIBUTES
+            )
+            out.append(f'<p class="confusion"><b>{html.escape(r.name)}</b><br>{images}</p>')
+    return out
 
 
 def read_curve(path: Path) -> dict[str, list[tuple[float, float]]]:
@@ -272,6 +320,12 @@ def render(results: list[Any], eval_set: Any, summary: dict[str, Any], cis: dict
         f"<title>sdft evaluation: {html.escape(' vs '.join(names))}</title><style>{STYLE}</style></head><body>",
         f"<h1>Evaluation: {html.escape(' vs '.join(names))}</h1>",
     ]
+    if ev.get("judges"):
+        out.append(
+            '<p id="judges-note">Judges: the shape-world judges shipped in <code>assets/judges/</code> (a classifier '
+            "and a tiny CLIP trained on renders of <code>pipeline/world.py</code>; <code>python -m "
+            "pipeline.pretrain_judges</code>). They score images of that world only.</p>"
+        )
     if ev["plumbing_only"]:
         out.append(
             '<p class="warning" id="plumbing-warning">Warning: this evaluation used '
@@ -285,7 +339,8 @@ def render(results: list[Any], eval_set: Any, summary: dict[str, Any], cis: dict
         f"choice), {ev['n_train_images']} training images, {ev['n_generated_per_model']} generated images per model "
         f"({p.images_per_prompt} seeds per prompt) + {ev['n_general_per_model']} for forgetting, "
         f"{p.num_inference_steps} scheduler steps, guidance {p.guidance_scale}. Extractors: CLIP "
-        f"<code>{html.escape(p.clip_model)}</code>, image features <code>{html.escape(p.image_features)}</code>.</p>"
+        f"<code>{html.escape(p.clip_model)}</code>, image features <code>{html.escape(p.image_features)}</code> "
+        f"({html.escape(ev['extractors'])}).</p>"
     )
     out.append(f'<h2 id="metrics">Metrics (on the {html.escape(ev["split"])} split)</h2>')
     if len(names) >= 2:
@@ -313,7 +368,15 @@ def render(results: list[Any], eval_set: Any, summary: dict[str, Any], cis: dict
         out.append("<p>Cosine similarity of image features to the nearest training image; near 1 suggests a copy.</p>")
         out += [memorisation_table(r.name, r.memorised, r.images) for r in results if r.memorised]
 
-    if p.label_vocabulary and any("adherence_accuracy" in v for v in values.values()):
+    if any(getattr(r, "adherence", None) for r in results):
+        out.append("<h2>Prompt adherence (shape-world classifier judge)</h2>")
+        out.append(
+            "<p>For every prompt that is a shape-world scene, whether the classifier judge sees the shape, colour "
+            "and background it asked for. Confusion matrices: rows are what the prompt asked for, columns what the "
+            "judge saw (also as CSV in <code>confusion/</code>).</p>"
+        )
+        out += judge_section(results)
+    if p.label_vocabulary and any("zero_shot_accuracy" in v for v in values.values()):
         out.append("<h2>Prompt adherence (zero-shot CLIP over the label vocabulary)</h2>")
         out.append(adherence_table(names, values, p.label_vocabulary))
 

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The whole test session is offline, as CI is: no hub downloads, no telemetry.
 for _key, _value in OFFLINE_DEFAULTS.items():
     os.environ.setdefault(_key, _value)
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "pipeline", "flows", "data/demo"]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "pipeline", "flows", "data/demo", "assets/judges"]
 # A retrain in about a minute on 2 cores: short training, few generated images and steps.
 FAST = {
     "train.max_steps": 60,

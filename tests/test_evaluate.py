@@ -80,7 +80,8 @@ def project(tmp_path_factory: pytest.TempPathFactory, tiny_sd: Path) -> Path:
 def write_params(
     root: Path, base_model: Path, evaluate_overrides: dict[str, Any] | None = None, gate: dict | None = None
 ) -> Path:
-    """params.yaml for a small evaluation: 4 prompts x 2 seeds, 2 scheduler steps, 32 px."""
+    """params.yaml for a small evaluation: 4 prompts x 2 seeds, 2 scheduler steps, 32 px, the tiny random extractors
+    (fast; tests/test_judges.py runs the shipped judges)."""
     (root / "raw").mkdir(exist_ok=True)
     params = {
         "base": {"model": str(base_model)},
@@ -89,12 +90,14 @@ def write_params(
         "evaluate": {
             "seed": 1234,
             "val_timesteps": 2,
-            "prompts": ["a yellow circle on a black background"],
+            "prompts": ["a yellow circle on a black background"],  # yellow: not a shape-world colour
             "images_per_prompt": 2,
             "num_inference_steps": 2,
             "guidance_scale": 2.0,
             "batch_size": 4,
             "general_prompts": ["a photo of a dog"],
+            "clip_model": "tiny",
+            "image_features": "tiny",
             "label_vocabulary": ["circle", "square", "triangle"],
             "precision_recall_k": 2,
             "density_coverage_k": 2,
@@ -172,7 +175,9 @@ def test_cli_writes_what_the_gate_reads(cli_run: Path) -> None:
     ev = summary["evaluation"]
     assert len(ev["eval_set_hash"]) == 64
     assert ev["n_generated_per_model"] == 8 and ev["n_general_per_model"] == 2  # (3 captions + 1 prompt) x 2 seeds
-    n_per_metric = {"val_loss": 6, "clip_score": 8, "forgetting_clip_score": 2, "adherence_accuracy": 8}
+    n_per_metric = {"val_loss": 6, "clip_score": 8, "forgetting_clip_score": 2, "zero_shot_accuracy": 8}
+    # The classifier judge scores the 3 held-out captions (shape-world scenes) x 2 seeds, not the yellow prompt.
+    n_per_metric |= {f"{m}_accuracy": 6 for m in ("adherence", "shape", "colour", "background")}
     n_per_metric |= {"precision": 8, "density": 8, "memorisation_similarity": 8, "recall": 6, "coverage": 6}
     for model in ("base", "candidate"):
         assert set(samples[model]) == set(n_per_metric)
@@ -180,7 +185,7 @@ def test_cli_writes_what_the_gate_reads(cli_run: Path) -> None:
             assert len(samples[model][metric]) == n, metric
             # The reported value is the mean of the per-sample values, so the gate's interval is about that number.
             assert summary[model][metric] == pytest.approx(np.mean(samples[model][metric]), abs=1e-6)
-        for metric in ("fid", "kid", "mifid", "f1", "memorisation_max", "adherence_f1_circle"):
+        for metric in ("fid", "kid", "mifid", "f1", "memorisation_max", "zero_shot_f1_circle", "adherence_f1_circle"):
             assert np.isfinite(summary[model][metric]), metric
     # FID on 6 real images is reported, flagged, and the tiny extractors are called what they are.
     assert ev["fid_n_real"] == 6 and ev["untrusted"]["fid"].startswith("untrusted_small_n")

@@ -44,7 +44,7 @@ def _model(name: str, prompts: list[str], general: list[str], shift: float, trai
         "memorisation_similarity": list(np.linspace(0.9, 0.5, n)),
     }
     values = {k: float(np.mean(v)) for k, v in samples.items()} | {"fid": 12.5, "kid": 0.01, "kid_std": 0.001}
-    values |= {"adherence_accuracy": 0.5, "adherence_precision_circle": 1.0, "adherence_recall_circle": 0.5}
+    values |= {"zero_shot_accuracy": 0.5, "zero_shot_precision_circle": 1.0, "zero_shot_recall_circle": 0.5}
     memorised = [
         {"generated": f"images/{name}/{i:03d}.png", "prompt": prompts[i], "nearest_train": train_file,
          "nearest_index": 0, "similarity": samples["memorisation_similarity"][i]}
