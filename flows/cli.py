@@ -1,6 +1,6 @@
 """`sdft`: the command line. It sits on top (flows -> pipeline), so it can start flows and read the registry.
 
-sdft init          build the tiny default base model (models/tiny-sd) if it is missing
+sdft init          install the pre-trained tiny default base model (models/tiny-sd) and demo data if missing
 sdft run           run the retrain flow once: DVC stages, gate, registration
 sdft models        registered versions with their aliases, status, gate metrics and last change
 sdft promote       make a version @champion by hand (audited); rollback: back to @previous-champion
@@ -20,19 +20,37 @@ from typing import Any
 
 from pipeline import env
 
+BASE_ASSET = "tiny-shapes-sd"
+
+
+def describe_base(model: Path) -> str:
+    """One line on what the installed base model is, from its MANIFEST.json."""
+    manifest = json.loads((model / "MANIFEST.json").read_text())
+    millions = sum(manifest.get("parameters", {}).values()) / 1e6
+    quality = manifest.get("quality", {}).get("base_scenes_10_steps", {})
+    drawn = f", colour right {quality['colour']:.0%} of the time at 10 steps" if "colour" in quality else ""
+    return (
+        f"a {millions:.1f} M-parameter SD 1.x-shaped model pre-trained on the shape world: red/green/blue circles, "
+        f"squares and triangles on white/black{drawn}; it has never seen purple, which the demo data teaches"
+    )
+
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from pipeline.assets import AssetError, install
     from pipeline.config import ParamsError, load_params
     from pipeline.demo_data import make_demo_dataset
-    from pipeline.tiny import build_tiny_sd
 
     root = Path(args.project).resolve()
     model = root / "models" / "tiny-sd"
     if model.is_dir():
         print(f"base model: {model} (exists)")
     else:
-        build_tiny_sd(model)
-        print(f"base model: built {model} (tiny, random weights: for checking the pipeline, not for drawing)")
+        try:
+            install(BASE_ASSET, model)
+        except AssetError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"base model: installed {model} from assets/{BASE_ASSET} ({describe_base(model)})")
     demo = root / "data" / "demo"
     if not (demo / "metadata.jsonl").is_file():
         make_demo_dataset(demo)

@@ -26,7 +26,7 @@ import yaml
 
 from pipeline import candidate, env, registry
 
-EMBEDDED_BASE = "models/tiny-sd"  # built by `sdft init`, deterministic from code
+EMBEDDED_BASE = "models/tiny-sd"  # installed by `sdft init` from the committed assets/tiny-shapes-sd
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ class Lineage:
             "test -d .dvc || dvc init -q  # a commit without DVC metadata: the retrain flow runs the same",
         ]
         if t.get("sdft.base_model") == EMBEDDED_BASE:
-            cmds.append("sdft init  # rebuilds the embedded tiny base model, deterministic from code")
+            cmds.append("sdft init  # installs the embedded tiny base model (assets/tiny-shapes-sd, sha256-checked)")
         cmds += [
             "dvc repro train  # prepare + train: the adapter (plain `dvc repro` also re-runs evaluate)",
             f"sdft lineage {self.uri} --verify models/adapter",

@@ -16,6 +16,7 @@ import random
 import re
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 BASE_COLOURS: dict[str, tuple[int, int, int]] = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220)}
@@ -83,3 +84,43 @@ def sample(n: int, size: int, rng: random.Random, colours: dict | None = None) -
     pool = scenes(colours)
     picked = [rng.choice(pool) for _ in range(n)]
     return [(render(scene, size, rng), scene) for scene in picked]
+
+
+def _nearest(pixels: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> np.ndarray:
+    """Index into `palette` of the nearest colour (Euclidean in RGB) for each row of `pixels` (N, 3)."""
+    colours = np.array(list(palette.values()), dtype=np.float32)
+    return ((pixels[:, None, :] - colours[None, :, :]) ** 2).sum(-1).argmin(1)
+
+
+def judge_pixels(image: Image.Image, min_share: float = 0.03) -> tuple[str, str, str]:
+    """A deterministic pixel judge of one image of this world: (shape, colour, background).
+
+    - background: the palette background nearest to the median of the 2-pixel border;
+    - colour: the palette colour most pixels are nearest to, among pixels nearer to a colour than to either
+      background ("none" when they cover less than `min_share` of the image);
+    - shape: from how much of its bounding box the shape fills: a square 1, a circle pi/4 = 0.79, a triangle 1/2
+      ("none" with no shape). A heuristic for flat renders, not a trained judge.
+    """
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    border = np.concatenate([pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3)])
+    border = np.concatenate([border, pixels[:, :2].reshape(-1, 3), pixels[:, -2:].reshape(-1, 3)])
+    background = list(BACKGROUNDS)[_nearest(np.median(border, 0, keepdims=True), BACKGROUNDS)[0]]
+    flat = pixels.reshape(-1, 3)
+    palette = {**COLOURS, **BACKGROUNDS}
+    nearest = _nearest(flat, palette)
+    is_shape = nearest < len(COLOURS)
+    if is_shape.mean() < min_share:
+        return "none", "none", background
+    colour = list(COLOURS)[int(np.bincount(nearest[is_shape], minlength=len(COLOURS)).argmax())]
+    mask = is_shape.reshape(pixels.shape[:2])
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    box = (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
+    fill = mask.sum() / box
+    shape = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"
+    return shape, colour, background
+
+
+def dominant_colour(image: Image.Image) -> tuple[str, str]:
+    """(shape colour, background) of an image by the pixel judge (`judge_pixels`)."""
+    _, colour, background = judge_pixels(image)
+    return colour, background

@@ -107,7 +107,7 @@ def test_the_chain_and_the_commands_that_rebuild_it() -> None:
         "git clone git@example.com:team/sdft.git sdft-v4 && cd sdft-v4",
         f"git checkout {'a' * 40}",
         "test -d .dvc || dvc init -q  # a commit without DVC metadata: the retrain flow runs the same",
-        "sdft init  # rebuilds the embedded tiny base model, deterministic from code",
+        "sdft init  # installs the embedded tiny base model (assets/tiny-shapes-sd, sha256-checked)",
         "dvc repro train  # prepare + train: the adapter (plain `dvc repro` also re-runs evaluate)",
         "sdft lineage models:/sdft-demo/4 --verify models/adapter",
     ]
