@@ -28,7 +28,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
-from flows import notify
+from flows import console, notify
 from flows.trigger import WorkspaceBusy, data_identity, history, last_success, record, workspace_lock, workspace_name
 from pipeline import env, promotion, registry
 from pipeline.config import Params, load_params
@@ -102,21 +102,28 @@ def run_stage(root: Path, stage: str, run_id: str) -> None:
     Output goes to `.sdft/logs/<stage>.{out,err}`. The task's `timeout_seconds` (orchestration.stage_timeout_minutes)
     or a cancellation interrupts the wait below, which then stops DVC and the stage's own processes.
     """
-    environment = os.environ | {"MLFLOW_RUN_ID": run_id}
+    # PYTHONUNBUFFERED: the stage's prints reach the console as they happen, not when its pipe buffer fills.
+    environment = os.environ | {"MLFLOW_RUN_ID": run_id, "PYTHONUNBUFFERED": "1"}
     # Stage commands call `python`: make it this interpreter's, venv or not.
     environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment.get('PATH', '')}"
     (root / LOGS).mkdir(parents=True, exist_ok=True)
     out_file, err_file = root / LOGS / f"{stage}.out", root / LOGS / f"{stage}.err"
-    with open(out_file, "w") as out, open(err_file, "w") as err:
-        process = subprocess.Popen([_tool("dvc"), "repro", stage], cwd=root, env=environment, stdout=out, stderr=err)
+    logger = get_run_logger()
+    logger.info("stage %s: full output in %s and %s", stage, out_file, err_file)
+    tee = console.Tee(lambda line: logger.info("%s", line))  # progress and messages as they come, noise only logged
+    with open(out_file, "wb") as out, open(err_file, "wb") as err:
+        pipe = subprocess.PIPE
+        process = subprocess.Popen([_tool("dvc"), "repro", stage], cwd=root, env=environment, stdout=pipe, stderr=pipe)
+        tee.start(process.stdout, out)
+        tee.start(process.stderr, err)
         try:
             while process.poll() is None:
                 time.sleep(0.5)  # short sleeps: a timeout or cancellation lands within half a second
         except BaseException:
             _stop_tree(process.pid)
             raise
-    logger = get_run_logger()
-    logger.info("%s", out_file.read_text()[-4000:])
+        finally:
+            tee.join()
     if process.returncode != 0:
         raise RuntimeError(f"stage '{stage}' failed (exit {process.returncode}):\n{err_file.read_text()[-4000:]}")
 
