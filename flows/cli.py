@@ -86,7 +86,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"PROMOTED: registered as version {result.version}, now @champion.")
     elif args.dry_run:
         print("DRY RUN: nothing was registered.")
-    else:
+    elif result.reason in result.gate_report:  # said once, in the report above
+        print("REJECTED: nothing was registered; the champion stays.")
+    else:  # e.g. the champion moved while this candidate was registered
         print(f"REJECTED: {result.reason}")
     print(f"MLflow run: {result.run_id}")
     if not os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://")):

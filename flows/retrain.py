@@ -263,7 +263,8 @@ def run_gate(root: Path, params: Params) -> promotion.GateOutcome:
         root / REPORTS / "eval" / "samples.json",
         root / REPORTS,
     )
-    get_run_logger().info("gate: %s", outcome.decision.reason)
+    verdict = "PROMOTE" if outcome.decision.promote else "REJECT"
+    get_run_logger().info("gate: %s (the report: %s)", verdict, root / REPORTS / "gate.md")
     return outcome
 
 
