@@ -44,7 +44,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -67,7 +67,16 @@ from pipeline.features import PLUMBING_ONLY, MissingWeightsError, build_clip, bu
 from pipeline.stats import paired_bootstrap
 
 # Settings that change the report, not any model's values or per-sample numbers.
-REPORT_ONLY = {"bootstrap_resamples", "confidence", "memorisation_worst"}
+REPORT_ONLY = {"memorisation_worst"}
+
+
+class Bootstrap(NamedTuple):
+    """The paired bootstrap of the report's intervals: the gate's settings (gate.bootstrap_resamples, gate.confidence,
+    gate.seed), so that the report and the gate show the same interval for the same comparison."""
+
+    resamples: int = 2000
+    confidence: float = 0.95
+    seed: int = 0
 
 
 @dataclass
@@ -388,8 +397,9 @@ def contact_grid(columns: dict[str, list[Image.Image]], prompts: list[str], per_
     return grid
 
 
-def intervals(results: list[ModelEval], params: EvaluateParams) -> dict[str, dict[str, Any]]:
-    """Paired bootstrap interval of (last model - first model) for every metric both have per-sample values of."""
+def intervals(results: list[ModelEval], bootstrap: Bootstrap) -> dict[str, dict[str, Any]]:
+    """Paired bootstrap interval of (last model - first model) for every metric both have per-sample values of,
+    computed as the gate computes its own (`pipeline.gate._significance`)."""
     if len(results) < 2:
         return {}
     baseline, candidate = results[0], results[-1]
@@ -398,7 +408,7 @@ def intervals(results: list[ModelEval], params: EvaluateParams) -> dict[str, dic
         other = baseline.samples.get(metric)
         if other is None or len(other) != len(values) or len(values) < 2:
             continue
-        interval = paired_bootstrap(values, other, params.bootstrap_resamples, params.confidence, seed=params.seed)
+        interval = paired_bootstrap(values, other, bootstrap.resamples, bootstrap.confidence, seed=bootstrap.seed)
         out[metric] = interval.to_dict()
     return out
 
@@ -433,12 +443,14 @@ def write_outputs(
     out: Path,
     total_seconds: float = 0.0,
     train_curve: Path | None = None,
+    bootstrap: Bootstrap | None = None,
 ) -> dict[str, Any]:
     """Images, per-sample values, per-prompt CSV, worst memorisation cases, intervals, grid and HTML report under
     `out`; returns the summary that becomes `reports/metrics.json`."""
     from pipeline.report import write_report
 
     p = eval_set.params
+    bootstrap = bootstrap or Bootstrap()
     out.mkdir(parents=True, exist_ok=True)
     for result in results:
         folder = out / "images" / result.name
@@ -485,8 +497,9 @@ def write_outputs(
         "seconds": round(sum(r.seconds for r in results), 3),
         "cost": cost(results, reference, total_seconds or sum(r.seconds for r in results)),
         "models": {r.name: r.model for r in results if r.model},
+        "bootstrap": bootstrap._asdict(),
     }
-    cis = intervals(results, p)
+    cis = intervals(results, bootstrap)
     (out / "intervals.json").write_text(json.dumps(cis, indent=1) + "\n")
     write_report(out / "report.html", results, eval_set, summary, cis, train_curve)
     return summary
@@ -594,14 +607,18 @@ def _main(argv: list[str] | None) -> int:
         "prediction_type": pipe.scheduler.config.prediction_type,
     }
 
+    bootstrap = Bootstrap(params.gate.bootstrap_resamples, params.gate.confidence, params.gate.seed)
     summary = write_outputs(
-        results, eval_set, extractors, reference, args.out, time.perf_counter() - started, args.train_curve
+        results, eval_set, extractors, reference, args.out, time.perf_counter() - started, args.train_curve, bootstrap
     )
     metrics_path = args.metrics or args.out / "metrics.json"
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps(summary, indent=2) + "\n")
+    # The gate's metrics on the console; every metric is in the metrics file and the report.
+    shown = list(dict.fromkeys(["val_loss", *gate_rules]))
     for r in results:
-        print(f"{r.name:>10}: " + ", ".join(f"{k}={v:.5f}" for k, v in r.values.items()))
+        print(f"{r.name}: " + ", ".join(f"{k} {r.values[k]:.5g}" for k in shown if k in r.values))
+    print(f"all {len(results[-1].values)} metrics of each model: {metrics_path}; report: {args.out / 'report.html'}")
     return 0
 
 

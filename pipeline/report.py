@@ -290,7 +290,8 @@ def render(results: list[Any], eval_set: Any, summary: dict[str, Any], cis: dict
     if len(names) >= 2:
         out.append(
             f"<p>Intervals: paired percentile bootstrap of the mean per-sample difference {html.escape(names[-1])} "
-            f"&minus; {html.escape(names[0])} ({p.bootstrap_resamples} resamples, seed {p.seed}; Efron &amp; "
+            f"&minus; {html.escape(names[0])} ({ev['bootstrap']['resamples']} resamples, seed "
+            f"{ev['bootstrap']['seed']}, the gate's settings; Efron &amp; "
             "Tibshirani 1993), over the same held-out images, prompts and seeds. Metrics without per-sample values "
             "(FID, KID, MiFID) have none.</p>"
         )

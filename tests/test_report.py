@@ -73,7 +73,6 @@ def report(tmp_path: Path) -> Path:
         general_prompts=["a photo of a dog"],
         label_vocabulary=["circle", "square"],
         images_per_prompt=2,
-        bootstrap_resamples=200,
         precision_recall_k=1,
         density_coverage_k=1,
     )
@@ -89,7 +88,8 @@ def report(tmp_path: Path) -> Path:
     reference = evaluate.Reference(empty, empty, empty, [str(train_file)], seconds=0.2)
     curve = tmp_path / "curve.csv"
     curve.write_text("step,train_loss,val_loss,lr\n0,,1.2,\n1,1.1,,0.001\n2,1.0,,0.001\n3,0.9,0.95,0.001\n")
-    evaluate.write_outputs(results, eval_set, extractors, reference, tmp_path / "eval", 3.0, curve)
+    bootstrap = evaluate.Bootstrap(resamples=200, confidence=0.95, seed=0)
+    evaluate.write_outputs(results, eval_set, extractors, reference, tmp_path / "eval", 3.0, curve, bootstrap)
     return tmp_path / "eval" / "report.html"
 
 
@@ -104,6 +104,20 @@ def test_report_content(report: Path) -> None:
     assert '<span class="worse">worse</span>' in row and "(95%, n=6)" in row
     assert "(untrusted_small_n)" in html  # FID on 6 images is marked in the table
     assert html.count("<polyline") == 2 and "train_loss" in html and "val_loss" in html
+
+
+def test_report_and_gate_show_the_same_interval(report: Path) -> None:
+    """One bootstrap (the gate's settings) for both: the report's val_loss interval is the gate's, digit for digit."""
+    from pipeline.gate import GatePolicy, MetricSet, decide
+
+    samples = json.loads((report.parent / "samples.json").read_text())
+    metrics = json.loads((report.parent / "intervals.json").read_text())
+    rule = {"metric": "val_loss", "greater_is_better": False, "min_relative_change": 0.0, "require_significant": True}
+    policy = GatePolicy(primary=[rule], bootstrap_resamples=200, confidence=0.95, seed=0)
+    sets = {n: MetricSet({"val_loss": float(np.mean(s["val_loss"]))}, s, n) for n, s in samples.items()}
+    (check,) = decide(sets["candidate"], sets["base"], policy).checks
+    assert check.interval == (metrics["val_loss"]["low"], metrics["val_loss"]["high"])
+    assert "200 resamples, seed 0, the gate's settings" in report.read_text()
 
 
 def test_curve_svg_scales_points_into_the_plot() -> None:
