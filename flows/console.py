@@ -5,16 +5,22 @@ for byte, to `.sdft/logs/<stage>.{out,err}` (the full record) and passes each li
 except known noise (`is_noise`): DVC's git and push hints after every stage, and third-party notices that say nothing
 about this run. Progress bars (tqdm, which writes `\\r` updates when its output is not a terminal) are shown at most
 every `PROGRESS_EVERY_S` seconds per bar, and always at 100%.
+
+`quiet_in_process` does the same for the flow's own process: the known notices that MLflow, diffusers and transformers
+log or warn while the flow logs, registers or evaluates go to a log file instead of the console.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import threading
 import time
+import warnings
 from collections.abc import Callable
-from typing import IO
+from pathlib import Path
+from typing import IO, Any
 
 PROGRESS_EVERY_S = 10.0
 
@@ -96,3 +102,51 @@ class Tee:
                     return
                 self._shown[key] = (now, done)
         self.show(text)
+
+
+# The same notices when they come from the flow's own process: logger name -> a part of the message.
+LOGGED_NOISE = {
+    "transformers.utils.import_utils": "requires torchvision (not installed)",
+    "diffusers.loaders.lora_base": "No LoRA keys associated to",
+    "diffusers.loaders.peft": "No LoRA keys associated to",
+    # torch's "+cpu" build: MLflow pins torch without the label, as it should for a model's requirements
+    "mlflow.utils.requirements_utils": "contains a local version label",
+}
+# Python warnings: a local folder is both a local-artifact and a file dataset source to MLflow; either is right.
+WARNED_NOISE = ["The specified dataset source can be interpreted in multiple ways"]
+
+
+class _ToLog(logging.Filter):
+    """Drops a known notice from its logger's output and appends it to the log file instead."""
+
+    def __init__(self, needle: str, log: Path) -> None:
+        super().__init__()
+        self.needle, self.log = needle, log
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self.needle not in message:
+            return True
+        with open(self.log, "a", encoding="utf-8") as handle:
+            handle.write(f"{record.levelname} {record.name}: {message}\n")
+        return False
+
+
+def quiet_in_process(log: Path) -> None:
+    """Send this process's known third-party notices (LOGGED_NOISE, WARNED_NOISE) to `log`, not the console."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    for name, needle in LOGGED_NOISE.items():
+        logger = logging.getLogger(name)
+        logger.filters = [f for f in logger.filters if not isinstance(f, _ToLog)]  # once, however often called
+        logger.addFilter(_ToLog(needle, log))
+    shown = getattr(warnings.showwarning, "sdft_original", warnings.showwarning)
+
+    def showwarning(message: Any, category: Any, filename: str, lineno: int, *rest: Any) -> None:
+        if any(needle in str(message) for needle in WARNED_NOISE):
+            with open(log, "a", encoding="utf-8") as handle:
+                handle.write(warnings.formatwarning(message, category, filename, lineno))
+            return
+        shown(message, category, filename, lineno, *rest)
+
+    showwarning.sdft_original = shown  # type: ignore[attr-defined]
+    warnings.showwarning = showwarning

@@ -221,8 +221,9 @@ def default_remote(root: Path) -> str | None:
 def push_outputs(root: Path) -> None:
     """Send the stages' outputs to the default DVC remote (docs/scale-out.md), so other machines can `dvc pull`."""
     remote = default_remote(root)
-    if remote is None:
-        get_run_logger().info("no default DVC remote: outputs stay in this workspace's cache")
+    if remote is None:  # the usual case on one machine: said in the log, not on the console every run
+        (root / LOGS).mkdir(parents=True, exist_ok=True)
+        (root / LOGS / "push.log").write_text("no default DVC remote: outputs stay in this workspace's cache\n")
         return
     pushed = subprocess.run([_tool("dvc"), "push"], cwd=root, capture_output=True, text=True)
     if pushed.returncode != 0:
@@ -333,6 +334,7 @@ def retrain(project: str = ".", dry_run: bool = False, trigger: Trigger = "manua
     root = Path(project).resolve()
     os.environ["SDFT_ROOT"] = str(root)
     env.configure()
+    console.quiet_in_process(root / LOGS / "flow.log")  # known third-party notices: in the log, not the console
     params = validate(root)
     ensure_workspace(root)
     timeouts = stage_timeouts(root, params)

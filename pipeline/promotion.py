@@ -50,16 +50,25 @@ def champion_metrics(
     work = root / ".sdft" / "champions" / f"{name}-v{version}"
     shutil.rmtree(work, ignore_errors=True)
     adapter, base_model = registry.download_adapter(name, version, work / "model")
-    subprocess.run(
-        [
-            sys.executable, "-m", "pipeline.evaluate",
-            "--params", str(root / "params.yaml"), "--prepared", str(prepared), "--adapter", str(adapter),
-            "--base-model", base_model, "--name", "champion", "--no-base",
-            "--out", str(work / "eval"), "--metrics", str(work / "metrics.json"),
-        ],
-        check=True,
-        cwd=root,
-    )  # fmt: skip
+    # Its output goes to a log, as a stage's does; the console gets one line (and the log's end if it fails).
+    log = root / ".sdft" / "logs" / "champion-evaluate.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"measuring champion v{version} on this evaluation set (log: {log})", flush=True)
+    with open(log, "wb") as output:
+        done = subprocess.run(
+            [
+                sys.executable, "-m", "pipeline.evaluate",
+                "--params", str(root / "params.yaml"), "--prepared", str(prepared), "--adapter", str(adapter),
+                "--base-model", base_model, "--name", "champion", "--no-base",
+                "--out", str(work / "eval"), "--metrics", str(work / "metrics.json"),
+            ],
+            cwd=root,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    if done.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"evaluating champion v{version} failed (exit {done.returncode}); {log} ends:\n{tail}")
     summary = json.loads((work / "metrics.json").read_text())
     if summary["evaluation"]["eval_set_hash"] != eval_set_hash:
         raise RuntimeError("the champion was evaluated on a different evaluation set than the candidate; re-run.")
