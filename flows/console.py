@@ -40,8 +40,13 @@ NOISE = [
         r"\[transformers\] `\w+` requires torchvision .*",
         # diffusers, when a LoRA trains only the UNet: the text encoder has no LoRA keys, as intended
         r".*No LoRA keys associated to CLIPTextModel.*",
+        # MLflow's system-metrics monitor starting and stopping in each stage
+        r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d INFO mlflow\.system_metrics\..*",
     )
 ]
+# Progress bars that are noise: loading weights, and the unnamed ones (diffusers' sampling loop, once per batch).
+NOISY_BARS = ("", "Loading pipeline components...", "Loading weights", "Writing model shards")
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # tqdm's line: "<desc>:  40%|████      | 60/150 [00:05<00:08, 11.2step/s, loss=0.12]"
 BAR = re.compile(r"^(?P<desc>[^|]*?):?\s*(?P<percent>\d+)%\|.*\|")
 
@@ -87,12 +92,14 @@ class Tee:
 
     def line(self, text: str, final: bool = False) -> None:
         """Show one line of output unless it is noise or a progress update shown less than PROGRESS_EVERY_S ago."""
-        text = text.rstrip()
+        text = ANSI.sub("", text).rstrip()
         if is_noise(text):
             return
         bar = BAR.match(text.strip())
         if bar:
             key, done = bar["desc"].strip(), bar["percent"] == "100"
+            if key in NOISY_BARS:
+                return
             now = self.clock()
             with self._lock:
                 when, was_done = self._shown.get(key, (-math.inf, False))

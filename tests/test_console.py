@@ -33,6 +33,7 @@ NOTICES = [
 def test_known_noise_is_recognised_and_real_messages_are_not() -> None:
     assert all(is_noise(line) for line in DVC_HINTS.splitlines())
     assert all(is_noise(line) for line in NOTICES)
+    assert is_noise("2026/12/02 05:57:53 INFO mlflow.system_metrics.system_metrics_monitor: Started monitoring.")
     for real in (
         "Running stage 'train':",
         "> python -m pipeline.train --params params.yaml",
@@ -81,6 +82,9 @@ def test_progress_bars_are_throttled_but_the_end_is_always_shown() -> None:
     assert [line.split("|")[2].split()[0] for line in shown] == ["1/100", "21/100", "41/100", "61/100", "81/100",
                                                                  "100/100"]  # fmt: skip
     tee.line("encode train images:   0%|     | 0/40 [00:00<?, ?img/s]")  # another bar has its own clock
+    assert shown[-1].startswith("encode train images")
+    for noisy in ("100%|####| 10/10 [00:01<00:00, 9.1it/s]", "\x1b[ALoading weights: 100%|####| 36/36 [00:00<00:00]"):
+        tee.line(noisy)  # diffusers' sampling loop (no name) and weight loading: logged, not shown
     assert shown[-1].startswith("encode train images")
 
 
