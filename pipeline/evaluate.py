@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from pipeline import candidate, env, metrics
+from pipeline import candidate, charts, env, metrics
 from pipeline.config import EvaluateParams, ParamsError, load_params, resolve_model
 from pipeline.diffusion import (
     Components,
@@ -353,7 +353,6 @@ def evaluate_model(name: str, pipe: Any, eval_set: EvalSet, reference: Reference
             samples["memorisation_similarity"] = similarity
             values["memorisation_max"] = float(similarity.max())
             per_image["nearest_train"] = [reference.train_files[j] for j in nearest]
-            worst = np.argsort(-similarity, kind="stable")[: p.memorisation_worst]
             memorised = [
                 {
                     "generated": f"images/{name}/{i:03d}.png",
@@ -362,7 +361,7 @@ def evaluate_model(name: str, pipe: Any, eval_set: EvalSet, reference: Reference
                     "nearest_index": int(nearest[i]),
                     "similarity": round(float(similarity[i]), 6),
                 }
-                for i in worst
+                for i in most_similar_per_train_image(similarity, nearest, p.memorisation_worst)
             ]
         if "mifid" not in skipped:
             with timer("mifid"):
@@ -378,6 +377,18 @@ def evaluate_model(name: str, pipe: Any, eval_set: EvalSet, reference: Reference
 # --------------------------------------------------------------------------------------------------------------------
 # Outputs
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def most_similar_per_train_image(similarity: np.ndarray, nearest: np.ndarray, n: int) -> list[int]:
+    """Indices of the `n` generated images most similar to a training image, one per training image: a copy is of a
+    particular image, and a list that repeats one training image (random features make one image everybody's
+    nearest) says nothing more after its first row."""
+    chosen: dict[int, int] = {}
+    for i in np.argsort(-similarity, kind="stable"):
+        chosen.setdefault(int(nearest[i]), int(i))
+        if len(chosen) == n:
+            break
+    return list(chosen.values())
 
 
 def contact_grid(columns: dict[str, list[Image.Image]], prompts: list[str], per_prompt: int) -> Image.Image:
@@ -469,6 +480,9 @@ def write_outputs(
                 cells = [round(r.samples[k][i], 5) if k in r.samples else "" for k in ["clip_score", *extra]]
                 cells += [r.per_image[k][i] if k in r.per_image else "" for k in ("nearest_train", "predicted_label")]
                 writer.writerow([r.name, i, prompt, seed, *cells])
+    clip = {r.name: list(enumerate(r.samples["clip_score"])) for r in results if "clip_score" in r.samples}
+    title = f"CLIP score per generated image ({' vs '.join(clip)})"
+    charts.write_svg(out / "per_prompt.svg", charts.line_chart(clip, title, "image index"))  # dvc plots, offline
     (out / "memorisation.json").write_text(json.dumps({r.name: r.memorised for r in results}, indent=1) + "\n")
     grid = contact_grid({r.name: r.images for r in results}, eval_set.prompts, p.images_per_prompt)
     grid.save(out / "grid.png")

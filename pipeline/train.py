@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import ImageOps
 from tqdm.auto import tqdm
 
-from pipeline import checkpoint, encoded, env
+from pipeline import charts, checkpoint, encoded, env
 from pipeline.config import Params, ParamsError, TrainParams, load_params, resolve_model
 from pipeline.diffusion import (
     Components,
@@ -1206,6 +1206,12 @@ def write_reports(result: TrainResult, report_dir: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=["step", "train_loss", "val_loss", "lr", "seconds"], restval="")
         writer.writeheader()
         writer.writerows(result.history)
+    series = {
+        column: [(r["step"], r[column]) for r in result.history if r.get(column) is not None]
+        for column in ("train_loss", "val_loss")
+    }
+    curve = charts.line_chart(series, "Training and held-out validation loss", "step")
+    charts.write_svg(report_dir / "curve.svg", curve)  # `dvc plots show` draws it offline (no Vega CDN)
 
 
 def data_identity(*splits: Split | None) -> list[list[tuple[str, str]]]:
