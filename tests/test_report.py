@@ -56,6 +56,7 @@ def _model(name: str, prompts: list[str], general: list[str], shift: float, trai
         samples,
         images=[_shape("circle" if i % 2 else "square", "red" if shift else "blue", i) for i in range(n)],
         general_images=[_shape("triangle", "green", 10 + i) for i in range(len(general))],
+        per_image={"nearest_train": [train_file] * n},  # one training image: everybody's nearest
         memorised=memorised,
         seconds=1.5,
         timings={"generation": 1.0, "fid": 0.1},
@@ -102,8 +103,18 @@ def test_report_content(report: Path) -> None:
     # val_loss went up by 0.5 with a tight spread: its interval excludes 0 and the verdict says "worse".
     row = re.search(r"<tr><td><code>val_loss</code></td>(.*?)</tr>", html).group(1)
     assert '<span class="worse">worse</span>' in row and "(95%, n=6)" in row
+    assert "not a gate rule, or is within its guardrail's tolerance, does not block" in html  # why worse may pass
+    assert "All 6 images of candidate have the same nearest training image" in html
+    assert "(random features: evaluate.image_features=tiny)" in html
     assert "(untrusted_small_n)" in html  # FID on 6 images is marked in the table
     assert html.count("<polyline") == 2 and "train_loss" in html and "val_loss" in html
+
+
+def test_memorisation_lists_each_training_image_once() -> None:
+    similarity = np.array([0.99, 0.98, 0.97, 0.5, 0.96])
+    nearest = np.array([7, 7, 7, 3, 2])  # one hub image nearest to most generated images
+    assert evaluate.most_similar_per_train_image(similarity, nearest, 5) == [0, 4, 3]
+    assert evaluate.most_similar_per_train_image(similarity, nearest, 2) == [0, 4]
 
 
 def test_report_and_gate_show_the_same_interval(report: Path) -> None:
@@ -125,7 +136,9 @@ def test_curve_svg_scales_points_into_the_plot() -> None:
     points = re.search(r'points="([^"]+)"', svg).group(1).split()
     (x0, y0), (x1, y1) = (tuple(map(float, p.split(","))) for p in points)
     assert x0 == 60 and x1 == 180  # left margin 60, right margin 20
-    assert y0 == 20 and y1 == 60  # highest loss at the top margin, lowest at the bottom of the plot area
+    assert y0 == 36 and y1 == 60  # highest loss at the top margin, lowest at the bottom of the plot area
+    (legend,) = re.findall(r'<text x="[\d.]+" y="([\d.]+)" font-size="12" fill="#1f77b4">train_loss<', svg)
+    assert float(legend) < 36  # the legend sits above the plot area, so no line runs through it
 
 
 def test_read_curve_skips_empty_cells(tmp_path: Path) -> None:
