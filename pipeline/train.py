@@ -1330,6 +1330,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not PartialState().is_main_process:
         return 0
+    # What the stage does after the last step, so a quiet minute on a slow machine is not taken for a hang.
+    print(f"saving {args.out} and {args.report}, then drawing the best weights' sample grid", flush=True)
     save_adapter(result, args.out, {"base_model": params.base.model, "base_revision": params.base.revision})
     if params.train.export_kohya:
         export_kohya(args.out, args.out / KOHYA_FILE, params.base.model, result.data_hash)
