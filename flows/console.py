@@ -36,6 +36,8 @@ NOISE = [
         r"dvc config core\.autostage true",
         r"Use `dvc push` to send your updates to remote storage\.",
         r"(Generating|Updating) lock file '.*dvc\.lock'",
+        # train's persistent outputs, empty until a run checkpoints or uses prior preservation
+        r"WARNING: '.*(checkpoints|class_images)' is empty\.",
         # transformers 5 without torchvision: it falls back to the PIL image processors, which is what sdft uses
         r"\[transformers\] `\w+` requires torchvision .*",
         # diffusers, when a LoRA trains only the UNet: the text encoder has no LoRA keys, as intended

@@ -34,6 +34,8 @@ def test_known_noise_is_recognised_and_real_messages_are_not() -> None:
     assert all(is_noise(line) for line in DVC_HINTS.splitlines())
     assert all(is_noise(line) for line in NOTICES)
     assert is_noise("2026/12/02 05:57:53 INFO mlflow.system_metrics.system_metrics_monitor: Started monitoring.")
+    assert is_noise("WARNING: 'models/checkpoints' is empty.") and is_noise("WARNING: 'models/class_images' is empty.")
+    assert not is_noise("WARNING: 'models/adapter' is empty.")
     for real in (
         "Running stage 'train':",
         "> python -m pipeline.train --params params.yaml",
