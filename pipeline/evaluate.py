@@ -242,7 +242,10 @@ def generate(
 ) -> list[Image.Image]:
     """One image per (prompt, seed), `evaluate.batch_size` at a time; each image's noise comes from its own seeded
     CPU generator, so an image does not depend on the batch it falls in."""
+    from tqdm.auto import tqdm
+
     images: list[Image.Image] = []
+    bar = tqdm(total=len(prompts), desc="generate", unit="img", mininterval=2, disable=not prompts)  # progress
     for start in range(0, len(prompts), params.batch_size):
         images += pipe(
             prompt=prompts[start : start + params.batch_size],
@@ -253,6 +256,8 @@ def generate(
             width=resolution,
             output_type="pil",
         ).images
+        bar.update(len(prompts[start : start + params.batch_size]))
+    bar.close()
     return images
 
 
