@@ -111,8 +111,8 @@ def gate(
         warnings = data_source_warnings(params, root, champion.version, champion_tags)
         if is_same_model(adapter or root / "models" / "adapter", champion_tags):
             reason = (
-                f"Not promoted: the candidate is champion v{champion.version} itself (the same weights); "
-                "nothing changed that would retrain it."
+                f"Not promoted: the candidate is champion v{champion.version} itself (the same weights); change the "
+                "data or the train params to get a new candidate."
             )
             decision = Decision(False, reason, f"champion v{champion.version}", [], confidence=params.gate.confidence)
         else:

@@ -58,7 +58,7 @@ def test_the_champions_own_weights_are_named_in_one_line(project: Path, tiny_mod
     report = (project / "reports" / "gate.md").read_text()
     assert report.strip().splitlines() == [
         "**Gate: REJECT** (candidate vs champion v1). Not promoted: the candidate is champion v1 itself (the same "
-        "weights); nothing changed that would retrain it."
+        "weights); change the data or the train params to get a new candidate."
     ]
     assert json.loads((project / "reports" / "gate.json").read_text())["warnings"] == []
 
