@@ -105,7 +105,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"PROMOTED: registered as version {result.version}, now @champion.")
     elif args.dry_run:
         print("DRY RUN: nothing was registered.")
-    else:
+    elif result.reason in result.gate_report:  # said once, in the report above
+        print("REJECTED: nothing was registered; the champion stays.")
+    else:  # e.g. the champion moved while this candidate was registered
         print(f"REJECTED: {result.reason}")
     print(f"MLflow run: {result.run_id}")
     if not os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://")):
@@ -141,6 +143,26 @@ def _num(value: float | None) -> str:
     return "" if value is None else f"{value:.5g}"
 
 
+def shorten(text: str, width: int) -> str:
+    """`text` in at most `width` characters, cut after a whole word and marked with an ellipsis."""
+    text = " ".join(text.split())
+    if len(text) <= width:
+        return text
+    cut = text[: width - 1].rsplit(" ", 1)[0] if " " in text[: width - 1] else text[: width - 1]
+    return cut.rstrip(" ,;:.") + "…"
+
+
+def describe_change(audit: dict[str, Any], version: str) -> str:
+    """An audit record as it concerns `version`: its own promotion, or losing @champion to another version."""
+    action, who, why = audit.get("action", "?"), audit.get("who", "?"), audit.get("why", "")
+    subject = audit.get("version")
+    if subject in (None, version):
+        return f"{action} by {who}: {shorten(why, 60)}"
+    if audit.get("previous") == version:  # a promote, approve or rollback that moved @champion from this version
+        return f"@champion went to v{subject} ({action} by {who})"
+    return f"{action} of v{subject} by {who}"
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from pipeline.config import load_params
     from pipeline.registry import version_summary
@@ -164,18 +186,21 @@ def cmd_models(args: argparse.Namespace) -> int:
             return
         print(f"{name} (approval: {params.registry.approval}; metrics are the gate's, on each version's run)")
         head = f"{'version':>7}  {'aliases':<28} {'status':<11} {'vs':<5}"
-        print(head + "".join(f" {m.removeprefix('eval.'):>12}" for m in metrics) + "  created (UTC)        last change")
+        head += "".join(f" {m.removeprefix('eval.'):>12}" for m in metrics)
+        print(head + "  eval set  created (UTC)        last change")
         for row in rows:
             values = "".join(f" {_num(row['metrics'].get(m)):>12}" for m in metrics)
-            audit = row["last_audit"]
-            change = ""
-            if audit:
-                other = audit.get("version") not in (None, row["version"])  # e.g. it lost the champion to another
-                what = f"{audit['action']} of v{audit['version']}" if other else audit["action"]
-                change = f"{what} by {audit['who']}: {audit['why'][:60]}"
+            change = describe_change(row["last_audit"], row["version"]) if row["last_audit"] else ""
             print(
                 f"{row['version']:>7}  {','.join(row['aliases']):<28} {row['promotion']:<11} "
-                f"{row['compared_with'] or '':<5}{values}  {row['created'][:19]:<20} {change}"
+                f"{row['compared_with'] or '':<5}{values}  {row['eval_set'][:8] or '?':<8}  {row['created'][:19]:<20} "
+                f"{change}"
+            )
+        sets = {row["eval_set"] for row in rows}
+        if len(sets) > 1:
+            print(
+                f"Note: these metrics come from {len(sets)} different evaluation sets (the eval set column): compare "
+                "numbers only within one set. The gate always re-evaluates the champion on the candidate's set."
             )
 
     return _registry_call(show)

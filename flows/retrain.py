@@ -29,7 +29,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
-from flows import notify
+from flows import console, notify
 from flows.trigger import WorkspaceBusy, data_identity, history, last_success, record, workspace_lock, workspace_name
 from pipeline import env, promotion, registry
 from pipeline.config import Params, load_params
@@ -112,16 +112,24 @@ def run_stage(root: Path, stage: str, run_id: str) -> State | None:
 
     Output goes to `.sdft/logs/<stage>.{out,err}`. The task's `timeout_seconds` (orchestration.stage_timeout_minutes)
     or a cancellation interrupts the wait below, which then stops DVC and the stage's own processes. A failed stage
-    gets its last good outputs back (`restore_outputs`), its error output logged once, and a Failed state with a
-    one-line message (no traceback: the stage's own message is what the user needs).
+    gets its last good outputs back (`restore_outputs`), its error output shown once (as it ran), and a Failed state
+    with a one-line message (no traceback: the stage's own message is what the user needs).
     """
-    environment = os.environ | {"MLFLOW_RUN_ID": run_id}
+    # PYTHONUNBUFFERED: the stage's prints reach the console as they happen, not when its pipe buffer fills.
+    environment = os.environ | {"MLFLOW_RUN_ID": run_id, "PYTHONUNBUFFERED": "1"}
     # Stage commands call `python`: make it this interpreter's, venv or not.
     environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment.get('PATH', '')}"
     (root / LOGS).mkdir(parents=True, exist_ok=True)
     out_file, err_file = root / LOGS / f"{stage}.out", root / LOGS / f"{stage}.err"
-    with open(out_file, "w") as out, open(err_file, "w") as err:
-        process = subprocess.Popen([_tool("dvc"), "repro", stage], cwd=root, env=environment, stdout=out, stderr=err)
+    logger = get_run_logger()
+    logger.info("stage %s: full output in %s and %s", stage, out_file, err_file)
+    # Progress and messages as they come (credentials stripped), noise only logged.
+    tee = console.Tee(lambda line: logger.info("%s", env.redact(line)))
+    with open(out_file, "wb") as out, open(err_file, "wb") as err:
+        pipe = subprocess.PIPE
+        process = subprocess.Popen([_tool("dvc"), "repro", stage], cwd=root, env=environment, stdout=pipe, stderr=pipe)
+        tee.start(process.stdout, out)
+        tee.start(process.stderr, err)
         try:
             while process.poll() is None:
                 time.sleep(0.5)  # short sleeps: a timeout or cancellation lands within half a second
@@ -130,11 +138,10 @@ def run_stage(root: Path, stage: str, run_id: str) -> State | None:
             if isinstance(exc, Exception):  # a timeout: DVC had already removed the stage's outputs
                 get_run_logger().warning("%s", restore_outputs(root, stage))
             raise
-    logger = get_run_logger()
-    logger.info("%s", env.redact(out_file.read_text()[-4000:]))
+        finally:
+            tee.join()
     if process.returncode != 0:
-        errors = env.redact(err_file.read_text())
-        logger.error("%s", errors[-4000:])
+        errors = env.redact(err_file.read_text())  # already shown line by line as the stage ran
         logger.warning("%s", restore_outputs(root, stage))
         code = stage_exit_code(errors, process.returncode)
         return Failed(message=f"stage '{stage}' failed (exit {code}); its output: {out_file} and {err_file}")
@@ -250,8 +257,9 @@ def default_remote(root: Path) -> str | None:
 def push_outputs(root: Path) -> None:
     """Send the stages' outputs to the default DVC remote (docs/scale-out.md), so other machines can `dvc pull`."""
     remote = default_remote(root)
-    if remote is None:
-        get_run_logger().info("no default DVC remote: outputs stay in this workspace's cache")
+    if remote is None:  # the usual case on one machine: said in the log, not on the console every run
+        (root / LOGS).mkdir(parents=True, exist_ok=True)
+        (root / LOGS / "push.log").write_text("no default DVC remote: outputs stay in this workspace's cache\n")
         return
     pushed = subprocess.run([_tool("dvc"), "push"], cwd=root, capture_output=True, text=True)
     if pushed.returncode != 0:
@@ -298,7 +306,8 @@ def run_gate(root: Path, params: Params) -> promotion.GateOutcome:
         root / REPORTS / "eval" / "samples.json",
         root / REPORTS,
     )
-    get_run_logger().info("gate: %s", outcome.decision.reason)
+    verdict = "PROMOTE" if outcome.decision.promote else "REJECT"
+    get_run_logger().info("gate: %s (the report: %s)", verdict, root / REPORTS / "gate.md")
     return outcome
 
 
@@ -367,6 +376,7 @@ def retrain(project: str = ".", dry_run: bool = False, trigger: Trigger = "manua
     root = Path(project).resolve()
     os.environ["SDFT_ROOT"] = str(root)
     env.configure()
+    console.quiet_in_process(root / LOGS / "flow.log")  # known third-party notices: in the log, not the console
     params = validate(root)
     ensure_workspace(root)
     timeouts = stage_timeouts(root, params)

@@ -293,8 +293,7 @@ class EvaluateParams(_Section):
         default_factory=list, description="Class words for zero-shot prompt-adherence accuracy (empty: skipped)."
     )
     label_template: str = "a photo of a {label}"
-    bootstrap_resamples: Annotated[int, Field(ge=100)] = 2000
-    confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
+    # The report's intervals are the gate's: gate.bootstrap_resamples, gate.confidence and gate.seed (REMOVED_KEYS).
 
     @field_validator("label_template")
     @classmethod
@@ -380,11 +379,23 @@ def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
     return line
 
 
+# Keys that existed once, and what replaced them: an old params.yaml gets a sentence saying what to delete.
+REMOVED_KEYS = {
+    "evaluate.bootstrap_resamples": "gate.bootstrap_resamples",
+    "evaluate.confidence": "gate.confidence",
+}
+
+
 def _describe(error: dict[str, Any], path: Path, text: str) -> str:
     loc = tuple(part for part in error["loc"] if part not in ("function-after",))
     key = ".".join(str(part) for part in loc) or "(top level)"
     line = _line_of(text, loc)
     where = f"{path}:{line}" if line else str(path)
+    if error["type"] == "extra_forbidden" and key in REMOVED_KEYS:
+        return (
+            f"{where}: '{key}' was removed: the report's intervals and the gate's are one set now, from "
+            f"'{REMOVED_KEYS[key]}' (with gate.seed). Delete '{key}' from {path.name}."
+        )
     if error["type"] == "extra_forbidden":
         return f"{where}: unknown key '{key}'. Remove it, or check its spelling against the documented keys."
     if error["type"] == "missing":

@@ -1,7 +1,9 @@
-"""A summary of the prepared data for people: histograms as CSV (declared as DVC plots) and a contact sheet.
+"""A summary of the prepared data for people: histograms as CSV and as SVG charts (declared as DVC plots), and a
+contact sheet.
 
-`dvc plots show` draws the CSVs; `contact_sheet.png` shows sample prepared images with their captions, so a wrong
-crop, a caption column mix-up or a bad conversion is visible at a glance. Written by the `prepare` stage.
+`dvc plots show` shows the charts (offline too); `contact_sheet.png` shows sample prepared images with their
+captions, so a wrong crop, a caption column mix-up or a bad conversion is visible at a glance. Written by the
+`prepare` stage.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from pipeline import charts
+
 if TYPE_CHECKING:
     from pipeline.prepare import Prepared
 
@@ -28,6 +32,13 @@ ASPECT_NAMES += ["square to 5:4", "5:4 to 3:2", "3:2 to 2:1", "wider than 2:1"]
 # CLIP reads 77 tokens (BOS and EOS included); longer captions are cut at training time.
 TOKEN_EDGES = [10, 20, 30, 40, 50, 60, 70, 78]
 SHEET_ITEMS = 24
+TITLES = {
+    "counts.csv": "Data - items found, accepted, rejected (by reason) and converted",
+    "resolution.csv": "Data - shorter side of the source images",
+    "aspect.csv": "Data - aspect ratio of the source images",
+    "caption_tokens.csv": "Data - caption length in CLIP tokens (77 are read)",
+    "buckets.csv": "Data - prepared size (aspect-ratio bucket) of the images",
+}
 SHEET_COLUMNS = 6
 THUMB = 144
 
@@ -125,6 +136,9 @@ def write_summary(prepared: Prepared, folder: Path) -> None:
             writer = csv.writer(handle)
             writer.writerow(header)
             writer.writerows(rows)
+        # The same table as a chart: `dvc plots show` draws it without Vega's CDN (dvc.yaml declares the SVGs).
+        chart = charts.bar_chart([(str(label), value) for label, value in rows], TITLES[name], header[1])
+        charts.write_svg(partial / name.replace(".csv", ".svg"), chart)
     contact_sheet(prepared).save(partial / "contact_sheet.png")
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)

@@ -51,13 +51,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from pipeline import candidate, env, judges, metrics, world
+from pipeline import candidate, charts, env, judges, metrics, world
 from pipeline.assets import AssetError
 from pipeline.config import EvaluateParams, ParamsError, load_params, resolve_model
 from pipeline.diffusion import (
@@ -90,7 +90,18 @@ from pipeline.features import (
 from pipeline.stats import paired_bootstrap
 
 # Settings that change the report, not any model's values or per-sample numbers.
-REPORT_ONLY = {"bootstrap_resamples", "confidence", "memorisation_worst"}
+REPORT_ONLY = {"memorisation_worst"}
+
+
+class Bootstrap(NamedTuple):
+    """The paired bootstrap of the report's intervals: the gate's settings (gate.bootstrap_resamples, gate.confidence,
+    gate.seed), so that the report and the gate show the same interval for the same comparison."""
+
+    resamples: int = 2000
+    confidence: float = 0.95
+    seed: int = 0
+
+
 # Which data each metric is measured on, written into metrics.json beside the numbers (`metric_data`).
 METRIC_DATA = {
     "val_loss": "fixed-noise denoising loss on the test split's images (train's val_loss is on the validation split)",
@@ -322,7 +333,10 @@ def generate(
 ) -> list[Image.Image]:
     """One image per (prompt, seed), `evaluate.batch_size` at a time; each image's noise comes from its own seeded
     CPU generator, so an image does not depend on the batch it falls in."""
+    from tqdm.auto import tqdm
+
     images: list[Image.Image] = []
+    bar = tqdm(total=len(prompts), desc="generate", unit="img", mininterval=2, disable=not prompts)  # progress
     for start in range(0, len(prompts), params.batch_size):
         images += pipe(
             prompt=prompts[start : start + params.batch_size],
@@ -333,6 +347,8 @@ def generate(
             width=resolution,
             output_type="pil",
         ).images
+        bar.update(len(prompts[start : start + params.batch_size]))
+    bar.close()
     return images
 
 
@@ -453,7 +469,6 @@ def evaluate_model(name: str, pipe: Any, eval_set: EvalSet, reference: Reference
             samples["memorisation_similarity"] = similarity
             values["memorisation_max"] = float(similarity.max())
             per_image["nearest_train"] = [reference.train_files[j] for j in nearest]
-            worst = np.argsort(-similarity, kind="stable")[: p.memorisation_worst]
             memorised = [
                 {
                     "generated": f"images/{name}/{i:03d}.png",
@@ -462,7 +477,7 @@ def evaluate_model(name: str, pipe: Any, eval_set: EvalSet, reference: Reference
                     "nearest_index": int(nearest[i]),
                     "similarity": round(float(similarity[i]), 6),
                 }
-                for i in worst
+                for i in most_similar_per_train_image(similarity, nearest, p.memorisation_worst)
             ]
         if "mifid" not in skipped:
             with timer("mifid"):
@@ -482,6 +497,18 @@ def evaluate_model(name: str, pipe: Any, eval_set: EvalSet, reference: Reference
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def most_similar_per_train_image(similarity: np.ndarray, nearest: np.ndarray, n: int) -> list[int]:
+    """Indices of the `n` generated images most similar to a training image, one per training image: a copy is of a
+    particular image, and a list that repeats one training image (random features make one image everybody's
+    nearest) says nothing more after its first row."""
+    chosen: dict[int, int] = {}
+    for i in np.argsort(-similarity, kind="stable"):
+        chosen.setdefault(int(nearest[i]), int(i))
+        if len(chosen) == n:
+            break
+    return list(chosen.values())
+
+
 def contact_grid(columns: dict[str, list[Image.Image]], prompts: list[str], per_prompt: int) -> Image.Image:
     """One row per prompt (its first seed), one column per model, labelled."""
     names = list(columns)
@@ -499,8 +526,9 @@ def contact_grid(columns: dict[str, list[Image.Image]], prompts: list[str], per_
     return grid
 
 
-def intervals(results: list[ModelEval], params: EvaluateParams) -> dict[str, dict[str, Any]]:
-    """Paired bootstrap interval of (last model - first model) for every metric both have per-sample values of."""
+def intervals(results: list[ModelEval], bootstrap: Bootstrap) -> dict[str, dict[str, Any]]:
+    """Paired bootstrap interval of (last model - first model) for every metric both have per-sample values of,
+    computed as the gate computes its own (`pipeline.gate._significance`)."""
     if len(results) < 2:
         return {}
     baseline, candidate = results[0], results[-1]
@@ -509,7 +537,7 @@ def intervals(results: list[ModelEval], params: EvaluateParams) -> dict[str, dic
         other = baseline.samples.get(metric)
         if other is None or len(other) != len(values) or len(values) < 2:
             continue
-        interval = paired_bootstrap(values, other, params.bootstrap_resamples, params.confidence, seed=params.seed)
+        interval = paired_bootstrap(values, other, bootstrap.resamples, bootstrap.confidence, seed=bootstrap.seed)
         out[metric] = interval.to_dict()
     return out
 
@@ -544,12 +572,14 @@ def write_outputs(
     out: Path,
     total_seconds: float = 0.0,
     train_curve: Path | None = None,
+    bootstrap: Bootstrap | None = None,
 ) -> dict[str, Any]:
     """Images, per-sample values, per-prompt CSV, worst memorisation cases, intervals, grid and HTML report under
     `out`; returns the summary that becomes `reports/metrics.json`."""
     from pipeline.report import write_report
 
     p = eval_set.params
+    bootstrap = bootstrap or Bootstrap()
     out.mkdir(parents=True, exist_ok=True)
     for result in results:
         folder = out / "images" / result.name
@@ -575,6 +605,9 @@ def write_outputs(
                 stem = out / "confusion" / result.name / f"{key}_{attribute}"
                 judges.write_confusion_csv(adherence, attribute, stem.with_suffix(".csv"))
                 judges.confusion_image(adherence, attribute).save(stem.with_suffix(".png"))
+    clip = {r.name: list(enumerate(r.samples["clip_score"])) for r in results if "clip_score" in r.samples}
+    title = f"CLIP score per generated image ({' vs '.join(clip)})"
+    charts.write_svg(out / "per_prompt.svg", charts.line_chart(clip, title, "image index"))  # dvc plots, offline
     (out / "memorisation.json").write_text(json.dumps({r.name: r.memorised for r in results}, indent=1) + "\n")
     grid = contact_grid({r.name: r.images for r in results}, eval_set.prompts, p.images_per_prompt)
     grid.save(out / "grid.png")
@@ -606,8 +639,9 @@ def write_outputs(
         "cost": cost(results, reference, total_seconds or sum(r.seconds for r in results)),
         "models": {r.name: r.model for r in results if r.model},
         "metric_data": METRIC_DATA,
+        "bootstrap": bootstrap._asdict(),
     }
-    cis = intervals(results, p)
+    cis = intervals(results, bootstrap)
     (out / "intervals.json").write_text(json.dumps(cis, indent=1) + "\n")
     write_report(out / "report.html", results, eval_set, summary, cis, train_curve)
     return summary
@@ -720,14 +754,18 @@ def _main(argv: list[str] | None) -> int:
         "prediction_type": pipe.scheduler.config.prediction_type,
     }
 
+    bootstrap = Bootstrap(params.gate.bootstrap_resamples, params.gate.confidence, params.gate.seed)
     summary = write_outputs(
-        results, eval_set, extractors, reference, args.out, time.perf_counter() - started, args.train_curve
+        results, eval_set, extractors, reference, args.out, time.perf_counter() - started, args.train_curve, bootstrap
     )
     metrics_path = args.metrics or args.out / "metrics.json"
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps(summary, indent=2) + "\n")
+    # The gate's metrics on the console; every metric is in the metrics file and the report.
+    shown = list(dict.fromkeys(["val_loss", *gate_rules]))
     for r in results:
-        print(f"{r.name:>10}: " + ", ".join(f"{k}={v:.5f}" for k, v in r.values.items()))
+        print(f"{r.name}: " + ", ".join(f"{k} {r.values[k]:.5g}" for k in shown if k in r.values))
+    print(f"all {len(results[-1].values)} metrics of each model: {metrics_path}; report: {args.out / 'report.html'}")
     return 0
 
 

@@ -250,8 +250,10 @@ class Decision:
         verdict = "PROMOTE" if self.promote else "REJECT"
         versus = self.baseline_source if self.baseline_source is not None else "no baseline"
         ci = f"{self.confidence * 100:g}% CI"
-        lines = [
-            f"**Gate: {verdict}** ({self.candidate_source} vs {versus}). {self.reason}",
+        lines = [f"**Gate: {verdict}** ({self.candidate_source} vs {versus}). {self.reason}"]
+        if not self.checks:  # e.g. the candidate is the champion itself: nothing was compared
+            return lines[0] + "\n"
+        lines += [
             "",
             f"| metric | kind | candidate | baseline | Δ | {ci} | threshold | result |",
             "|---|---|---|---|---|---|---|---|",
@@ -270,9 +272,7 @@ class Decision:
                 "PASS" if c.passed else "FAIL",
             ]
             lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
-        if self.failed:
-            lines += ["", "Failed:"] + [f"- {c.kind} `{c.metric}`: {c.detail}" for c in self.failed]
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n"  # the failures are in the reason, in words: not repeated here
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -361,24 +361,29 @@ def _primary(rule: PrimaryRule, cand: MetricSet, base: MetricSet | None, policy:
     diff = c - b
     improvement = diff if rule.greater_is_better else -diff
     relative = _relative(improvement, b)
-    failures = []
-    if not improvement > 0:
-        failures.append("not better than the baseline")
-    if rule.min_absolute_change and not _at_least(improvement, rule.min_absolute_change):
-        failures.append(f"improvement {_fmt(improvement)} is below the required {_fmt(rule.min_absolute_change)}")
-    if rule.min_relative_change and not _at_least(relative, rule.min_relative_change):
-        failures.append(f"improvement {_pct(relative)} is below the required {_pct(rule.min_relative_change)}")
-
-    interval = None
+    interval, significance = None, None
     if rule.require_significant:
-        interval, problem = _significance(rule, cand, base, policy)
-        if problem:
-            failures.append(problem)
-    summary = f"{better if improvement > 0 else 'not ' + better} by {_fmt(abs(diff))} ({_pct(abs(relative))})"
-    if interval is not None:
-        summary += f", {policy.confidence * 100:g}% CI of the per-sample difference [{_fmt(interval[0], signed=True)}, "
-        summary += f"{_fmt(interval[1], signed=True)}]"
-    detail = summary + ("; " + "; ".join(failures) if failures else "")
+        interval, significance = _significance(rule, cand, base, policy)
+    # One sentence in words; a candidate that is not better needs no word on thresholds or significance.
+    if diff == 0:
+        detail, failures = f"equal to the baseline ({_fmt(b)}): not better", ["not better"]
+    elif not improvement > 0:
+        worse = "lower" if rule.greater_is_better else "higher"
+        detail = f"{worse} than the baseline by {_fmt(abs(diff))} ({_pct(abs(relative))}): not better"
+        failures = ["not better"]
+    else:
+        failures = []
+        if rule.min_absolute_change and not _at_least(improvement, rule.min_absolute_change):
+            failures.append(f"{_fmt(improvement)} is below the required {_fmt(rule.min_absolute_change)}")
+        if rule.min_relative_change and not _at_least(relative, rule.min_relative_change):
+            failures.append(f"{_pct(relative)} is below the required {_pct(rule.min_relative_change)}")
+        if significance:
+            failures.append(significance)
+        detail = f"{better} by {_fmt(improvement)} ({_pct(relative)})"
+        if interval is not None:
+            detail += f", {policy.confidence * 100:g}% CI of the per-sample difference "
+            detail += f"[{_fmt(interval[0], signed=True)}, {_fmt(interval[1], signed=True)}]"
+        detail += "".join(f"; {f}" for f in failures)
     return Check("primary", rule.metric, c, b, diff, interval, threshold, not failures, detail)
 
 
@@ -508,6 +513,8 @@ def _at_most(value: float, threshold: float) -> bool:
 
 
 def _describe_failures(bad: list[Check], total: int) -> str:
+    if len(bad) == 1 and total == 1:
+        return f"{bad[0].metric} is {bad[0].detail}"
     listed = "; ".join(f"{c.kind} {c.metric} failed ({c.detail})" for c in bad)
     return f"{len(bad)} of {total} checks failed: {listed}"
 

@@ -121,16 +121,25 @@ def champion_metrics(
     work = root / ".sdft" / "champions" / f"{name}-v{version}"
     shutil.rmtree(work, ignore_errors=True)
     adapter, base_model = registry.download_adapter(name, version, work / "model")
-    subprocess.run(
-        [
-            sys.executable, "-m", "pipeline.evaluate",
-            "--params", str(root / "params.yaml"), "--prepared", str(prepared), "--adapter", str(adapter),
-            "--base-model", base_model, "--name", "champion", "--no-base",
-            "--out", str(work / "eval"), "--metrics", str(work / "metrics.json"),
-        ],
-        check=True,
-        cwd=root,
-    )  # fmt: skip
+    # Its output goes to a log, as a stage's does; the console gets one line (and the log's end if it fails).
+    log = root / ".sdft" / "logs" / "champion-evaluate.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"measuring champion v{version} on this evaluation set (log: {log})", flush=True)
+    with open(log, "wb") as output:
+        done = subprocess.run(
+            [
+                sys.executable, "-m", "pipeline.evaluate",
+                "--params", str(root / "params.yaml"), "--prepared", str(prepared), "--adapter", str(adapter),
+                "--base-model", base_model, "--name", "champion", "--no-base",
+                "--out", str(work / "eval"), "--metrics", str(work / "metrics.json"),
+            ],
+            cwd=root,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    if done.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"evaluating champion v{version} failed (exit {done.returncode}); {log} ends:\n{tail}")
     summary = json.loads((work / "metrics.json").read_text())
     if summary["evaluation"]["eval_set_hash"] != eval_set_hash:
         raise RuntimeError("the champion was evaluated on a different evaluation set than the candidate; re-run.")
@@ -139,8 +148,20 @@ def champion_metrics(
     return MetricSet(summary["champion"], samples, f"champion v{version}"), False
 
 
-def gate(params: Params, root: Path, prepared: Path, metrics_file: Path, samples_file: Path, out: Path) -> GateOutcome:
-    """Decide, and write `<out>/gate.json` and `<out>/gate.md`. No registry change."""
+def gate(
+    params: Params,
+    root: Path,
+    prepared: Path,
+    metrics_file: Path,
+    samples_file: Path,
+    out: Path,
+    adapter: Path | None = None,
+) -> GateOutcome:
+    """Decide, and write `<out>/gate.json` and `<out>/gate.md`. No registry change.
+
+    `adapter` (default `<root>/models/adapter`) is the candidate's train output: when its weights are the champion's,
+    the candidate is the champion itself and nothing is compared.
+    """
     metrics = json.loads(metrics_file.read_text())
     samples = json.loads(samples_file.read_text())
     evaluation = metrics["evaluation"]
@@ -153,13 +174,25 @@ def gate(params: Params, root: Path, prepared: Path, metrics_file: Path, samples
         )
     candidate = load_model_metrics(metrics, samples, "candidate", "candidate")
     champion = registry.champion(params.registry.model_name)
+    warnings: list[str] = []
+    from_cache = False
     if champion is None:
         baseline = load_model_metrics(metrics, samples, "base", "base model (untuned)")
-        kind, from_cache = "base", False
+        kind = "base"
+        decision = decide(candidate, baseline, params.gate)
     else:
-        baseline, from_cache = champion_metrics(params, root, prepared, champion, eval_set_hash, split)
         kind = "champion"
-    decision = decide(candidate, baseline, params.gate)
+        champion_tags = dict(registry.get_version(params.registry.model_name, champion.version).tags or {})
+        warnings = data_source_warnings(params, root, champion.version, champion_tags)
+        if is_same_model(adapter or root / "models" / "adapter", champion_tags):
+            reason = (
+                f"Not promoted: the candidate is champion v{champion.version} itself (the same weights); change the "
+                "data or the train params to get a new candidate."
+            )
+            decision = Decision(False, reason, f"champion v{champion.version}", [], confidence=params.gate.confidence)
+        else:
+            baseline, from_cache = champion_metrics(params, root, prepared, champion, eval_set_hash, split)
+            decision = decide(candidate, baseline, params.gate)
     record = decision.to_dict() | {
         "baseline_kind": kind,
         "champion_version": champion.version if champion else None,
@@ -168,10 +201,12 @@ def gate(params: Params, root: Path, prepared: Path, metrics_file: Path, samples
         "split": split,
         "n_test_images": evaluation.get("n_test_images"),
         "model_name": params.registry.model_name,
+        "warnings": warnings,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "gate.json").write_text(json.dumps(record, indent=2) + "\n")
-    (out / "gate.md").write_text(decision.to_markdown() + "\n" + measured_on(record) + "\n")
+    report = "".join(f"> **Warning:** {w}\n\n" for w in warnings) + decision.to_markdown()
+    (out / "gate.md").write_text(report + "\n" + measured_on(record) + "\n")
     return GateOutcome(decision, kind, champion.version if champion else None, eval_set_hash, record)
 
 
@@ -183,6 +218,31 @@ def measured_on(record: dict[str, Any]) -> str:
         f"Measured on the `{record['split']}` split ({record['n_test_images']} images, evaluation set "
         f"`{record['eval_set_hash'][:16]}`), which training, early stopping and checkpoint choice never read{baseline}."
     )
+
+
+def is_same_model(adapter: Path, champion_tags: dict[str, str]) -> bool:
+    """Whether the train output in `adapter` holds the champion's weights (its recorded tensor digest)."""
+    recorded = champion_tags.get("sdft.adapter_tensors_sha256")
+    if not recorded or not adapter.is_dir():
+        return False
+    try:
+        return lineage.adapter_digests(adapter)["sdft.adapter_tensors_sha256"] == recorded
+    except FileNotFoundError:
+        return False
+
+
+def data_source_warnings(params: Params, root: Path, version: str, champion_tags: dict[str, str]) -> list[str]:
+    """A warning when the champion was trained on another data source than the candidate (`sdft.data.source`)."""
+    theirs = champion_tags.get("sdft.data.source", "")
+    ours = lineage.data_identity(root / "reports" / "data_validation.json").get("sdft.data.source", "")
+    if not theirs or not ours or theirs == ours:
+        return []
+    return [
+        f"champion v{version} of `{params.registry.model_name}` was trained on `{theirs}`, this candidate on "
+        f"`{ours}`. The gate compares them on this candidate's held-out images, which the champion never saw, so a "
+        "model of different data is judged against it. For a new dataset or subject, set its own "
+        "`registry.model_name` in params.yaml: its first run is then compared with the untuned base model."
+    ]
 
 
 # Kept here for callers of the earlier API (flows/retrain.py reads the git state through promotion).

@@ -803,6 +803,7 @@ def version_summary(model_name: str, metric_names: list[str] | None = None, limi
                 "promotion": tags.get(PROMOTION, ""),
                 "decision": tags.get("sdft.decision", ""),
                 "compared_with": tags.get(EXPECTED, ""),
+                "eval_set": tags.get("sdft.eval_set_hash", ""),
                 "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat(timespec="seconds"),
                 "run_id": mv.run_id,
                 "metrics": metrics,

@@ -244,7 +244,7 @@ def curve_svg(series: dict[str, list[tuple[float, float]]], width: int = 640, he
     points = [p for values in series.values() for p in values]
     if not points:
         return "<p>The training curve is empty.</p>"
-    left, right, top, bottom = 60, 20, 20, 40
+    left, right, top, bottom = 60, 20, 36, 40  # the legend is a row in the top margin, above every line
     x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
     y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
     x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-9)
@@ -280,7 +280,7 @@ def curve_svg(series: dict[str, list[tuple[float, float]]], width: int = 640, he
             + marker
         )
         parts.append(
-            f'<text x="{left + 10 + 110 * k}" y="{top + 14}" font-size="12" fill="{colour}">{html.escape(name)}</text>'
+            f'<text x="{left + 10 + 110 * k}" y="{top - 10}" font-size="12" fill="{colour}">{html.escape(name)}</text>'
         )
     parts.append("</svg>")
     return "".join(parts)
@@ -346,11 +346,20 @@ def render(results: list[Any], eval_set: Any, summary: dict[str, Any], cis: dict
     if len(names) >= 2:
         out.append(
             f"<p>Intervals: paired percentile bootstrap of the mean per-sample difference {html.escape(names[-1])} "
-            f"&minus; {html.escape(names[0])} ({p.bootstrap_resamples} resamples, seed {p.seed}; Efron &amp; "
+            f"&minus; {html.escape(names[0])} ({ev['bootstrap']['resamples']} resamples, seed "
+            f"{ev['bootstrap']['seed']}, the gate's settings; Efron &amp; "
             "Tibshirani 1993), over the same held-out images, prompts and seeds. Metrics without per-sample values "
             "(FID, KID, MiFID) have none.</p>"
         )
     out.append(metric_table(names, values, cis, ev["untrusted"]))
+    if len(names) >= 2:
+        out.append(
+            '<p id="verdicts">The verdicts compare these two models only. A promotion is decided by the gate '
+            "(<code>reports/gate.md</code>): only the metrics under <code>gate:</code> in params.yaml count, each "
+            "within its rule's tolerance, against the champion (or the untuned base model on the first run). A metric "
+            "marked worse here that is not a gate rule, or is within its guardrail's tolerance, does not block a "
+            "promotion.</p>"
+        )
     notes = [f"<li><code>{m}</code>: {html.escape(why)}</li>" for m, why in ev["untrusted"].items()]
     notes += [f"<li><code>{m}</code> not computed: {html.escape(why)}</li>" for m, why in ev["skipped"].items()]
     if notes:
@@ -365,8 +374,29 @@ def render(results: list[Any], eval_set: Any, summary: dict[str, Any], cis: dict
 
     if any(r.memorised for r in results):
         out.append("<h2>Memorisation: generated images closest to a training image</h2>")
-        out.append("<p>Cosine similarity of image features to the nearest training image; near 1 suggests a copy.</p>")
-        out += [memorisation_table(r.name, r.memorised, r.images) for r in results if r.memorised]
+        out.append(
+            "<p>Cosine similarity of image features to the nearest training image; near 1 suggests a copy. Each "
+            "training image is listed once, with the generated image most similar to it.</p>"
+        )
+        for r in results:
+            if not r.memorised:
+                continue
+            out.append(memorisation_table(r.name, r.memorised, r.images))
+            nearest = r.per_image.get("nearest_train", [])
+            similarity = r.samples.get("memorisation_similarity", [])
+            if len(nearest) > 1 and len(set(nearest)) == 1:
+                out.append(
+                    f'<p class="flag">All {len(nearest)} images of {html.escape(r.name)} have the same nearest '
+                    "training image: the image features do not tell these images apart"
+                    + (" (random features: evaluate.image_features=tiny)" if ev["plumbing_only"] else "")
+                    + ", so this table says nothing about copying.</p>"
+                )
+            elif ev["plumbing_only"] and similarity:
+                out.append(
+                    f'<p class="flag">Random image features (evaluate.image_features=tiny) make every image look '
+                    f"alike (similarities {min(similarity):.3f} to {max(similarity):.3f}, {len(set(nearest))} distinct "
+                    "nearest training images): this table checks the plumbing, not copying.</p>"
+                )
 
     if any(getattr(r, "adherence", None) for r in results):
         out.append("<h2>Prompt adherence (shape-world classifier judge)</h2>")

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import ImageOps
 from tqdm.auto import tqdm
 
-from pipeline import checkpoint, encoded, env
+from pipeline import charts, checkpoint, encoded, env
 from pipeline.config import Params, ParamsError, TrainParams, load_params, resolve_model
 from pipeline.diffusion import (
     TRAINING_SPLITS,
@@ -1224,6 +1224,12 @@ def write_reports(result: TrainResult, report_dir: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=["step", "train_loss", "val_loss", "lr", "seconds"], restval="")
         writer.writeheader()
         writer.writerows(result.history)
+    series = {
+        column: [(r["step"], r[column]) for r in result.history if r.get(column) is not None]
+        for column in ("train_loss", "val_loss")
+    }
+    curve = charts.line_chart(series, "Training and held-out validation loss", "step")
+    charts.write_svg(report_dir / "curve.svg", curve)  # `dvc plots show` draws it offline (no Vega CDN)
 
 
 def data_identity(*splits: Split | None) -> list[list[tuple[str, str]]]:
@@ -1343,6 +1349,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not PartialState().is_main_process:
         return 0
+    # What the stage does after the last step, so a quiet minute on a slow machine is not taken for a hang.
+    print(f"saving {args.out} and {args.report}, then drawing the best weights' sample grid", flush=True)
     save_adapter(result, args.out, {"base_model": params.base.model, "base_revision": params.base.revision})
     if params.train.export_kohya:
         export_kohya(args.out, args.out / KOHYA_FILE, params.base.model, result.data_hash, dict(components.unet.config))

@@ -39,6 +39,19 @@ def test_unknown_key_names_file_key_and_line(tmp_path: Path) -> None:
     assert f"{path}:{line}: unknown key 'train.lerning_rate'" in str(exc.value)
 
 
+@pytest.mark.parametrize("key", ["bootstrap_resamples", "confidence"])
+def test_a_removed_key_says_what_replaced_it_and_to_delete_it(tmp_path: Path, key: str) -> None:
+    """The report's intervals became the gate's: an old params.yaml with evaluate.<key> is told what to do."""
+    text = (REPO / "params.yaml").read_text().replace("  label_template:", f"  {key}: 0.5\n  label_template:")
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    line = next(i for i, row in enumerate(text.splitlines(), 1) if row.startswith(f"  {key}: 0.5"))
+    with pytest.raises(ParamsError) as exc:
+        load_params(path, paths=False)
+    assert f"{path}:{line}: 'evaluate.{key}' was removed" in str(exc.value)
+    assert f"from 'gate.{key}'" in str(exc.value) and f"Delete 'evaluate.{key}' from params.yaml" in str(exc.value)
+
+
 @pytest.mark.parametrize(
     ("section", "key", "value", "expected"),
     [

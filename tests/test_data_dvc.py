@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -193,13 +194,20 @@ def test_new_images_rerun_every_stage_downstream_and_nothing_else_does(tmp_path:
 
     tiny = {"train.max_steps": 2, "train.validation_every": 2, "train.sample_every": 0, "train.sample_steps": 2}
     tiny |= {"evaluate.images_per_prompt": 1, "evaluate.num_inference_steps": 2, "evaluate.val_timesteps": 2}
-    tiny |= {"evaluate.bootstrap_resamples": 200, "evaluate.prompts": ["a red circle"], "evaluate.general_prompts": []}
+    tiny |= {"gate.bootstrap_resamples": 200, "evaluate.prompts": ["a red circle"], "evaluate.general_prompts": []}
     project = new_project(tmp_path / "project", tiny_model, tiny)
     dvc(project, "init", "-q")
     stages = ("prepare", "encode", "train", "evaluate")
     out = dvc(project, "repro")
     assert all(f"Running stage '{s}'" in out for s in stages), out
     assert "Running stage" not in dvc(project, "repro")  # nothing changed: nothing runs
+    # `dvc plots show` of every declared plot needs no network: image plots only, no Vega from a CDN.
+    dvc(project, "plots", "show", "-o", str(tmp_path / "plots"))
+    page = (tmp_path / "plots" / "index.html").read_text()
+    assert not re.search(r"<script[^>]*src=[\"']?https?:", page) and "cdn" not in page.lower()
+    declared = yaml.safe_load((project / "dvc.yaml").read_text())["plots"]
+    assert declared and all(isinstance(p, str) and p.endswith((".svg", ".png")) for p in declared)
+    assert all((project / p).is_file() and Path(p).name in page for p in declared), declared
     prepared = project / "data" / "prepared"
     add_images(project / "data" / "demo", 1000, 1)  # one new image and caption in the source folder
     out = dvc(project, "repro")

@@ -7,10 +7,12 @@ excludes 0 on the bad side.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -102,10 +104,13 @@ def write_params(
             "precision_recall_k": 2,
             "density_coverage_k": 2,
             "memorisation_worst": 3,
-            "bootstrap_resamples": 200,
             **(evaluate_overrides or {}),
         },
-        "gate": gate or {"primary": [{"metric": "val_loss", "greater_is_better": False, "min_relative_change": 0.0}]},
+        "gate": gate
+        or {
+            "primary": [{"metric": "val_loss", "greater_is_better": False, "min_relative_change": 0.0}],
+            "bootstrap_resamples": 200,
+        },
         "registry": {"model_name": "test"},
     }
     path = root / "params.yaml"
@@ -157,15 +162,25 @@ def degraded_adapter(tmp_path_factory: pytest.TempPathFactory, pipe: Any) -> Pat
 def cli_run(project: Path, degraded_adapter: Path) -> Path:
     curve = project / "curve.csv"
     curve.write_text("step,train_loss,val_loss,lr\n0,,1.2,\n1,1.1,,0.001\n2,1.0,0.9,0.001\n")
-    code = evaluate.main(
-        [
-            "--params", str(project / "params.yaml"), "--prepared", str(project / "prepared"),
-            "--adapter", str(degraded_adapter), "--out", str(project / "reports" / "eval"),
-            "--metrics", str(project / "reports" / "metrics.json"), "--train-curve", str(curve),
-        ]
-    )  # fmt: skip
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = evaluate.main(
+            [
+                "--params", str(project / "params.yaml"), "--prepared", str(project / "prepared"),
+                "--adapter", str(degraded_adapter), "--out", str(project / "reports" / "eval"),
+                "--metrics", str(project / "reports" / "metrics.json"), "--train-curve", str(curve),
+            ]
+        )  # fmt: skip
     assert code == 0
+    (project / "evaluate-stdout.txt").write_text(printed.getvalue())
     return project / "reports"
+
+
+def test_cli_prints_the_gate_metrics_not_every_metric(cli_run: Path) -> None:
+    lines = (cli_run.parent / "evaluate-stdout.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == ["base", "candidate"]
+    assert all(", " not in line and "val_loss" in line for line in lines[:2])  # the gate's one metric, not 24
+    assert lines[2].startswith("all ") and str(cli_run / "metrics.json") in lines[2] and "report.html" in lines[2]
 
 
 def test_cli_writes_what_the_gate_reads(cli_run: Path) -> None:
@@ -323,7 +338,7 @@ def _evaluate_with(pipe: Any, adapter: Path, harness: dict[str, Any]) -> evaluat
 
 def test_identical_models_give_intervals_containing_zero(pipe: Any, harness: dict, tmp_path: Path) -> None:
     same = _evaluate_with(pipe, save_adapter(pipe, tmp_path, std=0.0), harness)
-    cis = evaluate.intervals([harness["base"], same], harness["eval_set"].params)
+    cis = evaluate.intervals([harness["base"], same], evaluate.Bootstrap(200))
     assert set(cis) == set(same.samples)  # every per-sample metric gets an interval
     for metric, ci in cis.items():
         assert ci["low"] <= 0.0 <= ci["high"], metric
@@ -335,7 +350,7 @@ def test_degraded_model_gives_a_val_loss_interval_excluding_zero(
     pipe: Any, harness: dict, degraded_adapter: Path
 ) -> None:
     worse = _evaluate_with(pipe, degraded_adapter, harness)
-    cis = evaluate.intervals([harness["base"], worse], harness["eval_set"].params)
+    cis = evaluate.intervals([harness["base"], worse], evaluate.Bootstrap(200))
     assert cis["val_loss"]["low"] > 0.0, cis["val_loss"]  # candidate - base: the loss went up, beyond noise
     assert worse.values["val_loss"] > 1.5 * harness["base"].values["val_loss"]
     # The generated images changed too (paired per prompt and seed), so image metrics moved.
@@ -350,7 +365,7 @@ def test_eval_set_hash_follows_metric_settings_not_report_settings(project: Path
     def digest(**changes: Any) -> str:
         return evaluate.build_eval_set(validation, params.model_copy(update=changes), RESOLUTION, train).digest()
 
-    assert digest() == digest(bootstrap_resamples=5000, confidence=0.9, memorisation_worst=10)
+    assert digest() == digest(memorisation_worst=10)
     for change in ({"image_features": "dinov2"}, {"precision_recall_k": 3}, {"general_prompts": ["a cat"]}):
         assert digest(**change) != digest(), change
     assert evaluate.build_eval_set(validation, params, RESOLUTION, Split([], [], [])).digest() != digest()

@@ -190,7 +190,7 @@ def test_floor_bounds_are_inclusive(bounds, value, passed):
 def test_significance_direction_follows_greater_is_better():
     base = BASE_LOSS.tolist()
     higher = (BASE_LOSS + 0.05 + NOISE / 5).tolist()  # higher by 0.05 on average, with a little noise
-    for greater_is_better, promote, detail in [(True, True, ""), (False, False, "not significant")]:
+    for greater_is_better, promote, detail in [(True, True, ""), (False, False, "higher than the baseline")]:
         policy = one_primary(greater_is_better=greater_is_better, min_absolute_change=0.0, require_significant=True)
         a = MetricSet({"m": float(np.mean(higher))}, {"m": higher})
         b = MetricSet({"m": float(np.mean(base))}, {"m": base}, source="b")
@@ -351,7 +351,8 @@ def test_to_markdown_has_the_decision_and_one_row_per_check():
     assert rows["val_loss"].endswith("| PASS |") and "≥ 2% lower than baseline" in rows["val_loss"]
     assert rows["clip_score"].endswith("| FAIL |") and "≤ 0.01 worse than baseline" in rows["clip_score"]
     assert rows["fid"].endswith("| PASS |") and "≤ 100" in rows["fid"]
-    assert "- guardrail `clip_score`: worse by 0.02" in md
+    assert "guardrail clip_score failed (worse by 0.02" in md.splitlines()[0]  # the reason, in words, once
+    assert "Failed:" not in md
 
     promoted = decide(metrics("candidate", CLEARLY_BETTER), BASELINE, POLICY).to_markdown()
     assert promoted.startswith("**Gate: PROMOTE**") and "FAIL" not in promoted

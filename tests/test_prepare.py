@@ -7,6 +7,7 @@ tokenizer, built once per session into a folder every test's cache starts from.
 from __future__ import annotations
 
 import csv
+import html
 import json
 import shutil
 from pathlib import Path
@@ -592,6 +593,12 @@ def test_summary_csvs_and_contact_sheet(tmp_path, cache):
         assert sheet.width > 6 * 144 and sheet.height > 3 * 144
         # Thumbnails are drawn: the sheet is not blank white.
         assert np.asarray(sheet.convert("L")).min() < 100
+    # Each table is also a chart (the DVC image plots): its bars carry the table's labels and values.
+    for name in ("counts", "resolution", "aspect", "caption_tokens", "buckets"):
+        svg = (folder / f"{name}.svg").read_text()
+        labels = read_csv(folder / f"{name}.csv")
+        assert svg.startswith("<svg") and all(f">{html.escape(label)}<" in svg for label in labels), name
+    assert ">accepted<" in (folder / "counts.svg").read_text() and ">13<" in (folder / "counts.svg").read_text()
 
 
 def test_clip_token_counter_counts_as_transformers_clip_does(tokenizer_cache):

@@ -56,6 +56,7 @@ def _model(name: str, prompts: list[str], general: list[str], shift: float, trai
         samples,
         images=[_shape("circle" if i % 2 else "square", "red" if shift else "blue", i) for i in range(n)],
         general_images=[_shape("triangle", "green", 10 + i) for i in range(len(general))],
+        per_image={"nearest_train": [train_file] * n},  # one training image: everybody's nearest
         memorised=memorised,
         seconds=1.5,
         timings={"generation": 1.0, "fid": 0.1},
@@ -73,7 +74,6 @@ def report(tmp_path: Path) -> Path:
         general_prompts=["a photo of a dog"],
         label_vocabulary=["circle", "square"],
         images_per_prompt=2,
-        bootstrap_resamples=200,
         precision_recall_k=1,
         density_coverage_k=1,
     )
@@ -89,7 +89,8 @@ def report(tmp_path: Path) -> Path:
     reference = evaluate.Reference(empty, empty, empty, [str(train_file)], seconds=0.2)
     curve = tmp_path / "curve.csv"
     curve.write_text("step,train_loss,val_loss,lr\n0,,1.2,\n1,1.1,,0.001\n2,1.0,,0.001\n3,0.9,0.95,0.001\n")
-    evaluate.write_outputs(results, eval_set, extractors, reference, tmp_path / "eval", 3.0, curve)
+    bootstrap = evaluate.Bootstrap(resamples=200, confidence=0.95, seed=0)
+    evaluate.write_outputs(results, eval_set, extractors, reference, tmp_path / "eval", 3.0, curve, bootstrap)
     return tmp_path / "eval" / "report.html"
 
 
@@ -102,8 +103,32 @@ def test_report_content(report: Path) -> None:
     # val_loss went up by 0.5 with a tight spread: its interval excludes 0 and the verdict says "worse".
     row = re.search(r"<tr><td><code>val_loss</code></td>(.*?)</tr>", html).group(1)
     assert '<span class="worse">worse</span>' in row and "(95%, n=6)" in row
+    assert "not a gate rule, or is within its guardrail's tolerance, does not block" in html  # why worse may pass
+    assert "All 6 images of candidate have the same nearest training image" in html
+    assert "(random features: evaluate.image_features=tiny)" in html
     assert "(untrusted_small_n)" in html  # FID on 6 images is marked in the table
     assert html.count("<polyline") == 2 and "train_loss" in html and "val_loss" in html
+
+
+def test_memorisation_lists_each_training_image_once() -> None:
+    similarity = np.array([0.99, 0.98, 0.97, 0.5, 0.96])
+    nearest = np.array([7, 7, 7, 3, 2])  # one hub image nearest to most generated images
+    assert evaluate.most_similar_per_train_image(similarity, nearest, 5) == [0, 4, 3]
+    assert evaluate.most_similar_per_train_image(similarity, nearest, 2) == [0, 4]
+
+
+def test_report_and_gate_show_the_same_interval(report: Path) -> None:
+    """One bootstrap (the gate's settings) for both: the report's val_loss interval is the gate's, digit for digit."""
+    from pipeline.gate import GatePolicy, MetricSet, decide
+
+    samples = json.loads((report.parent / "samples.json").read_text())
+    metrics = json.loads((report.parent / "intervals.json").read_text())
+    rule = {"metric": "val_loss", "greater_is_better": False, "min_relative_change": 0.0, "require_significant": True}
+    policy = GatePolicy(primary=[rule], bootstrap_resamples=200, confidence=0.95, seed=0)
+    sets = {n: MetricSet({"val_loss": float(np.mean(s["val_loss"]))}, s, n) for n, s in samples.items()}
+    (check,) = decide(sets["candidate"], sets["base"], policy).checks
+    assert check.interval == (metrics["val_loss"]["low"], metrics["val_loss"]["high"])
+    assert "200 resamples, seed 0, the gate's settings" in report.read_text()
 
 
 def test_curve_svg_scales_points_into_the_plot() -> None:
@@ -111,7 +136,9 @@ def test_curve_svg_scales_points_into_the_plot() -> None:
     points = re.search(r'points="([^"]+)"', svg).group(1).split()
     (x0, y0), (x1, y1) = (tuple(map(float, p.split(","))) for p in points)
     assert x0 == 60 and x1 == 180  # left margin 60, right margin 20
-    assert y0 == 20 and y1 == 60  # highest loss at the top margin, lowest at the bottom of the plot area
+    assert y0 == 36 and y1 == 60  # highest loss at the top margin, lowest at the bottom of the plot area
+    (legend,) = re.findall(r'<text x="[\d.]+" y="([\d.]+)" font-size="12" fill="#1f77b4">train_loss<', svg)
+    assert float(legend) < 36  # the legend sits above the plot area, so no line runs through it
 
 
 def test_read_curve_skips_empty_cells(tmp_path: Path) -> None:
