@@ -262,7 +262,7 @@ class EvaluateParams(_Section):
     num_inference_steps: Annotated[int, Field(ge=1)] = 10
     guidance_scale: Annotated[float, Field(ge=1)] = 5.0
     scheduler: Literal["default", "euler", "dpm++"] = Field(
-        "default", description="Sampler for every model: the base model's own, Euler, or DPM-Solver++ (fewer steps)."
+        "dpm++", description="Sampler for every model: the base model's own, Euler, or DPM-Solver++ (fewer steps)."
     )
     batch_size: Annotated[int, Field(ge=1)] = Field(8, description="Images generated per pipeline call.")
     clip_model: Annotated[str, Field(min_length=1)] = Field(

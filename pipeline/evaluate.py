@@ -455,6 +455,7 @@ def evaluate_model(name: str, pipe: Any, eval_set: EvalSet, reference: Reference
             values["fid"] = metrics.fid(reference.real_features, fake)
         with timer("kid"):
             values["kid"], values["kid_std"] = metrics.kid(reference.real_features, fake, seed=p.seed)
+            samples["kid"] = metrics.kid_per_image(reference.real_features, fake)
     with timer("precision_recall_density_coverage"):
         if "precision" not in skipped:
             samples |= metrics.precision_recall(reference.real_features, fake, p.precision_recall_k)

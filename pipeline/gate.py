@@ -25,6 +25,7 @@ Semantics, exactly (g = greater_is_better, c = candidate value, b = baseline val
                                                                      high < 0)
     guardrail passes  iff regression <= max_absolute_regression     (when set)
                       and relative(regression) <= max_relative_regression (when set)
+                      or, with require_significant, the CI includes 0 (a regression within noise does not block)
     floor passes      iff min <= c <= max                           (each bound when set; inclusive)
 
 `>=` and `<=` against a threshold accept values within 1e-9 (relative) of it, so that binary rounding cannot fail an
@@ -120,6 +121,12 @@ class GuardrailRule(_Rule):
     )
     max_relative_regression: Annotated[float, Field(ge=0)] | None = Field(
         None, description="Largest allowed regression as a fraction of |baseline| (0.05 = 5%). 0.0 = no regression."
+    )
+    require_significant: bool = Field(
+        False,
+        description="Fail only on a regression beyond noise: past the tolerance AND with the paired bootstrap "
+        "confidence interval of candidate - baseline excluding zero on the bad side (for metrics noisy at small N, "
+        "such as KID).",
     )
 
     @model_validator(mode="after")
@@ -323,7 +330,7 @@ def decide(candidate: MetricSet, baseline: MetricSet | None, policy: GatePolicy)
         return Decision(not bad, reason, None, floors, candidate.source, policy.confidence)
 
     primaries = [_primary(r, candidate, baseline, policy) for r in policy.primary]
-    guardrails = [_guardrail(r, candidate, baseline) for r in policy.guardrails]
+    guardrails = [_guardrail(r, candidate, baseline, policy) for r in policy.guardrails]
     checks = primaries + guardrails + floors
     if baseline is None:
         reason = (
@@ -387,10 +394,10 @@ def _primary(rule: PrimaryRule, cand: MetricSet, base: MetricSet | None, policy:
     return Check("primary", rule.metric, c, b, diff, interval, threshold, not failures, detail)
 
 
-def _significance(
-    rule: PrimaryRule, cand: MetricSet, base: MetricSet, policy: GatePolicy
+def _interval(
+    rule: PrimaryRule | GuardrailRule, cand: MetricSet, base: MetricSet, policy: GatePolicy
 ) -> tuple[tuple[float, float] | None, str | None]:
-    """The bootstrap interval of candidate - baseline, and why it does not show a significant improvement (or None)."""
+    """The paired bootstrap interval of candidate - baseline, or why there is none."""
     absent = [ms.source for ms in (cand, base) if rule.metric not in ms.samples]
     if absent:
         return None, (
@@ -405,16 +412,26 @@ def _significance(
             confidence=policy.confidence,
             seed=policy.seed,
         )
-    except (TypeError, ValueError) as err:  # unpaired, too few or non-finite samples: cannot show significance
+    except (TypeError, ValueError) as err:  # unpaired, too few or non-finite samples
         return None, f"cannot test significance: {err}"
-    interval = (iv.low, iv.high)
-    significant = iv.low > 0 if rule.greater_is_better else iv.high < 0
+    return (iv.low, iv.high), None
+
+
+def _significance(
+    rule: PrimaryRule, cand: MetricSet, base: MetricSet, policy: GatePolicy
+) -> tuple[tuple[float, float] | None, str | None]:
+    """The bootstrap interval of candidate - baseline, and why it does not show a significant improvement (or None)."""
+    interval, problem = _interval(rule, cand, base, policy)
+    if interval is None:
+        return None, problem
+    significant = interval[0] > 0 if rule.greater_is_better else interval[1] < 0
     if not significant:
-        return interval, f"not significant: the interval over {iv.n} samples does not exclude 0 on the good side"
+        n = len(cand.samples[rule.metric])
+        return interval, f"not significant: the interval over {n} samples does not exclude 0 on the good side"
     return interval, None
 
 
-def _guardrail(rule: GuardrailRule, cand: MetricSet, base: MetricSet | None) -> Check:
+def _guardrail(rule: GuardrailRule, cand: MetricSet, base: MetricSet | None, policy: GatePolicy) -> Check:
     c = _number(cand, rule.metric)
     limits = []
     if rule.max_absolute_regression is not None:
@@ -437,8 +454,20 @@ def _guardrail(rule: GuardrailRule, cand: MetricSet, base: MetricSet | None) -> 
     if rule.max_relative_regression is not None and not _at_most(relative, rule.max_relative_regression):
         failures.append(f"regression {_pct(relative)} exceeds the allowed {_pct(rule.max_relative_regression)}")
     summary = f"worse by {_fmt(regression)} ({_pct(relative)})" if regression > 0 else "not worse than the baseline"
+    interval = None
+    if rule.require_significant:
+        threshold += f" (fails only if the {policy.confidence * 100:g}% CI excludes 0)"
+        interval, problem = _interval(rule, cand, base, policy)
+        if problem:
+            failures.append(problem)
+        elif failures and interval is not None:
+            worse = interval[0] > 0 if not rule.greater_is_better else interval[1] < 0
+            if not worse:  # past the tolerance, but within noise: not a regression the gate acts on
+                summary += f" (within noise: {policy.confidence * 100:g}% CI [{_fmt(interval[0], signed=True)}, "
+                summary += f"{_fmt(interval[1], signed=True)}] includes 0)"
+                failures = []
     detail = summary + ("; " + "; ".join(failures) if failures else "")
-    return Check("guardrail", rule.metric, c, b, diff, None, threshold, not failures, detail)
+    return Check("guardrail", rule.metric, c, b, diff, interval, threshold, not failures, detail)
 
 
 def _floor(rule: FloorRule, cand: MetricSet, base: MetricSet | None) -> Check:

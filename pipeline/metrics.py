@@ -127,6 +127,28 @@ def kid(real: torch.Tensor, fake: torch.Tensor, seed: int, subsets: int = 100) -
     return float(mean), float(std)
 
 
+def kid_per_image(real: torch.Tensor, fake: torch.Tensor) -> list[float]:
+    """Each generated image's share of the unbiased KID over the whole sets: their mean is that KID.
+
+    KID's kernel is k(x, y) = (x . y / d + 1) ** 3, and its unbiased MMD^2 with n generated images x and m real images
+    y is  mean_{i != j} k(x_i, x_j) + mean_{a != b} k(y_a, y_b) - 2 mean_{i, a} k(x_i, y_a).  Grouping the terms by
+    generated image gives  c_i = mean_{j != i} k(x_i, x_j) - 2 mean_a k(x_i, y_a) + mean_{a != b} k(y_a, y_b),  with
+    mean_i c_i = MMD^2. Two models sampled from the same prompts and seeds give paired lists, so the gate's paired
+    bootstrap can ask whether a KID difference is beyond noise (an approximation: each c_i also depends on the other
+    generated images).
+    """
+    x, y = fake.double(), real.double()
+    n, m, d = len(x), len(y), x.shape[1]
+    if n < 2 or m < 2:
+        raise ValueError(f"KID needs at least 2 generated and 2 real images (got {n} and {m})")
+    k_xx = (x @ x.T / d + 1) ** 3
+    k_xy = (x @ y.T / d + 1) ** 3
+    k_yy = (y @ y.T / d + 1) ** 3
+    real_term = (k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
+    own = (k_xx.sum(dim=1) - k_xx.diagonal()) / (n - 1)
+    return (own - 2 * k_xy.mean(dim=1) + real_term).tolist()
+
+
 def mifid(train: torch.Tensor, fake: torch.Tensor) -> float:
     """Memorisation-informed FID: FID divided by a memorisation distance when generated and training features are
     closer than 0.1 in cosine distance (Bai et al. 2021, "On Training Sample Memorization: Lessons from

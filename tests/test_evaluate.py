@@ -193,7 +193,7 @@ def test_cli_writes_what_the_gate_reads(cli_run: Path) -> None:
     n_per_metric = {"val_loss": 6, "clip_score": 8, "forgetting_clip_score": 2, "zero_shot_accuracy": 8}
     # The classifier judge scores the 3 held-out captions (shape-world scenes) x 2 seeds, not the yellow prompt.
     n_per_metric |= {f"{m}_accuracy": 6 for m in ("adherence", "shape", "colour", "background")}
-    n_per_metric |= {"precision": 8, "density": 8, "memorisation_similarity": 8, "recall": 6, "coverage": 6}
+    n_per_metric |= {"precision": 8, "density": 8, "memorisation_similarity": 8, "recall": 6, "coverage": 6, "kid": 8}
     for model in ("base", "candidate"):
         assert set(samples[model]) == set(n_per_metric)
         for metric, n in n_per_metric.items():

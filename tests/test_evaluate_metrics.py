@@ -80,3 +80,20 @@ def test_small_n_fid_is_untrusted_and_refused_as_a_gate_metric() -> None:
     assert "'fid'" in problems[0] and "must not decide a promotion" in problems[0]
     assert "'recall'" in problems[1] and "k too large" in problems[1]
     assert metrics.gate_metric_problems(["val_loss", "kid"], untrusted, {}) == []
+
+
+def test_kid_per_image_averages_to_the_unbiased_kid_of_the_whole_sets() -> None:
+    torch.manual_seed(0)
+    real, fake = torch.randn(30, 16), torch.randn(20, 16) + 0.3
+    per_image = metrics.kid_per_image(real, fake)
+    assert len(per_image) == 20
+    # The unbiased MMD^2 with KID's kernel, written out once here.
+    x, y, d = fake.double(), real.double(), 16
+    k = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731
+    n, m = len(x), len(y)
+    mmd = (k(x, x).sum() - k(x, x).trace()) / (n * (n - 1)) + (k(y, y).sum() - k(y, y).trace()) / (m * (m - 1))
+    mmd -= 2 * k(x, y).mean()
+    assert np.mean(per_image) == pytest.approx(float(mmd), rel=1e-9)
+    # Close to torchmetrics' subset estimate, and larger for a set further from the real one.
+    assert np.mean(per_image) == pytest.approx(metrics.kid(real, fake, seed=0)[0], rel=0.2)
+    assert np.mean(metrics.kid_per_image(real, fake + 1.0)) > np.mean(per_image)

@@ -363,3 +363,60 @@ def test_decision_is_frozen():
     assert isinstance(decision, Decision)
     with pytest.raises(AttributeError):
         decision.promote = False  # type: ignore[misc]
+
+
+KID_GUARD = {"metric": "kid", "greater_is_better": False, "max_absolute_regression": 0.0, "require_significant": True}
+
+
+@pytest.mark.parametrize(
+    ("candidate_samples", "promote", "words"),
+    [
+        # Worse than the tolerance, and consistently so: the interval excludes 0 on the bad side.
+        ([0.30 + 0.001 * i for i in range(20)], False, "exceeds the allowed"),
+        # Worse on average by the same amount, but the per-sample differences straddle 0: noise, not a regression.
+        ([0.10 + (0.6 if i % 2 else -0.2) for i in range(20)], True, "within noise"),
+    ],
+)
+def test_a_guardrail_with_require_significant_ignores_noise(candidate_samples, promote, words):
+    policy = GatePolicy.model_validate(
+        {
+            "primary": [{"metric": "p", "greater_is_better": True, "min_absolute_change": 0.0}],
+            "guardrails": [
+                {
+                    "metric": "kid",
+                    "greater_is_better": False,
+                    "max_absolute_regression": 0.0,
+                    "require_significant": True,
+                }
+            ],
+            "bootstrap_resamples": 500,
+        }
+    )
+    base_samples = [0.1] * 20
+    candidate = MetricSet(
+        {"p": 1.0, "kid": float(np.mean(candidate_samples))}, {"kid": candidate_samples}, source="candidate"
+    )
+    baseline = MetricSet({"p": 0.0, "kid": 0.1}, {"kid": base_samples}, source="base")
+    decision = decide(candidate, baseline, policy)
+    (guard,) = [c for c in decision.checks if c.kind == "guardrail"]
+    assert guard.interval is not None and words in guard.detail
+    assert decision.promote is promote
+
+
+def test_a_significant_guardrail_without_samples_fails_and_says_why():
+    policy = GatePolicy.model_validate(
+        {
+            "primary": [{"metric": "p", "greater_is_better": True, "min_absolute_change": 0.0}],
+            "guardrails": [
+                {
+                    "metric": "kid",
+                    "greater_is_better": False,
+                    "max_absolute_regression": 0.0,
+                    "require_significant": True,
+                }
+            ],
+        }
+    )
+    decision = decide(MetricSet({"p": 1.0, "kid": 0.2}), MetricSet({"p": 0.0, "kid": 0.1}, source="b"), policy)
+    assert not decision.promote
+    assert "no per-sample values for 'kid'" in decision.checks[1].detail
