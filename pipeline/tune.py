@@ -83,13 +83,15 @@ def make_storage(url: str, heartbeat_seconds: int) -> Any:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # this module prints one line per trial
-    return RDBStorage(
-        url,
-        engine_kwargs=engine,
-        heartbeat_interval=heartbeat_seconds,
-        grace_period=2 * heartbeat_seconds,
-        failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since 2.9
+        return RDBStorage(
+            url,
+            engine_kwargs=engine,
+            heartbeat_interval=heartbeat_seconds,
+            grace_period=2 * heartbeat_seconds,
+            heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=1),
+        )
 
 
 def study_fingerprint(params: Params, tune: TuneParams, data_digest: str) -> str:
@@ -272,7 +274,7 @@ def objective(trial: Any, ctx: TrialContext) -> float:
         curve.append([step, val_loss])
         trial.report(val_loss, step)
         checks = len(curve) - 1  # step 0 (the untrained adapter) is not a check of this trial's values
-        if step > 0 and checks >= ctx.tune.warmup_checks and trial.should_prune():
+        if step > 0 and checks > ctx.tune.warmup_checks and trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step}: validation loss {val_loss:.5f} behind the others")
 
     def finish(state: str, value: float | None, reason: str = "") -> None:
