@@ -217,13 +217,15 @@ def default_remote(root: Path) -> str | None:
 
 
 @task(name="tune")
-def tune_study(root: Path) -> dict[str, Any]:
-    """Run or continue the hyperparameter study (pipeline/tune.py) and write its best values into params.yaml.
+def tune_study(root: Path, apply: bool = True) -> dict[str, Any]:
+    """Run or continue the hyperparameter study (pipeline/tune.py); with `apply`, write its best values into
+    params.yaml.
 
     Output goes to `.sdft/logs/tune.{out,err}`; the study logs its own MLflow run, with one child run per trial.
     """
     command = [sys.executable, "-m", "pipeline.tune", "--params", "params.yaml", "--prepared", "data/prepared"]
-    command += ["--encoded", "data/encoded", "--workdir", ".sdft/tune", "--report", str(REPORTS / "tune"), "--apply"]
+    command += ["--encoded", "data/encoded", "--workdir", ".sdft/tune", "--report", str(REPORTS / "tune")]
+    command += ["--apply"] if apply else []
     (root / LOGS).mkdir(parents=True, exist_ok=True)
     out_file, err_file = root / LOGS / "tune.out", root / LOGS / "tune.err"
     environment = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}

@@ -77,7 +77,7 @@ def default_storage(workdir: Path) -> str:
 def make_storage(url: str, heartbeat_seconds: int) -> Any:
     """RDB storage with heartbeats: a trial whose worker is silent for 2 x heartbeat is failed and retried once."""
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}  # workers wait for SQLite's lock
     if url.startswith("sqlite:///"):
@@ -90,7 +90,7 @@ def make_storage(url: str, heartbeat_seconds: int) -> Any:
             engine_kwargs=engine,
             heartbeat_interval=heartbeat_seconds,
             grace_period=2 * heartbeat_seconds,
-            heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=1),
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
         )
 
 
@@ -531,6 +531,11 @@ def run_study(
 
     tune = params.tune
     root = root or Path.cwd()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise TuneError(
+            "a tuning worker is one process (its trials train on one device): start one worker per GPU, e.g. "
+            "CUDA_VISIBLE_DEVICES=1 sdft tune --no-repro, not a multi-process launch (docs/tuning.md)"
+        )
     model = resolve_model(params, root)
     splits = read_split(prepared / "train"), read_split(prepared / "validation")
     digest = encoded.split_digest(prepared / "train") + encoded.split_digest(prepared / "validation")
