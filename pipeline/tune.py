@@ -83,15 +83,24 @@ def make_storage(url: str, heartbeat_seconds: int) -> Any:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # this module prints one line per trial
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since 2.9
-        return RDBStorage(
-            url,
-            engine_kwargs=engine,
-            heartbeat_interval=heartbeat_seconds,
-            grace_period=2 * heartbeat_seconds,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-        )
+    from sqlalchemy.exc import OperationalError
+
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since 2.9
+                return RDBStorage(
+                    url,
+                    engine_kwargs=engine,
+                    heartbeat_interval=heartbeat_seconds,
+                    grace_period=2 * heartbeat_seconds,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+                )
+        except OperationalError:  # workers starting together on a new database race to create its tables
+            if attempt == 2:
+                raise
+            time.sleep(1 + attempt)
+    raise AssertionError("unreachable")
 
 
 def study_fingerprint(params: Params, tune: TuneParams, data_digest: str) -> str:
@@ -708,7 +717,8 @@ def plots(study: Any, rows: list[dict[str, Any]]) -> dict[str, bytes]:
         points = [(r["trial"], _last_loss(by_number[r["trial"]])) for r in done if r["state"] == state]
         points = [(x, y) for x, y in points if y is not None and math.isfinite(y)]
         if points:
-            ax.scatter(*zip(*points, strict=True), marker=marker, color=colour, label=f"{state} (last check)")
+            label = "complete (objective)" if state == "complete" else f"{state} (loss at its last check)"
+            ax.scatter(*zip(*points, strict=True), marker=marker, color=colour, label=label)
     ax.plot(xs, ys, color="black", drawstyle="steps-post", label="best so far")
     ax.set(xlabel="trial", ylabel="validation loss", title="Optimisation history")
     ax.legend(fontsize=8)
@@ -726,6 +736,8 @@ def plots(study: Any, rows: list[dict[str, Any]]) -> dict[str, bytes]:
     images["importance"] = png(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    complete = [r for r in done if r["state"] == "complete"]
+    best_number = min(complete, key=lambda r: r["objective"])["trial"] if complete else None
     for r in done:
         curve = by_number[r["trial"]].user_attrs.get("curve") or []
         if not curve:
@@ -736,8 +748,12 @@ def plots(study: Any, rows: list[dict[str, Any]]) -> dict[str, bytes]:
             ax.scatter([steps[-1]], [losses[-1]], marker="x", color="tab:red")
         elif r["state"] == "failed":
             ax.plot(steps, losses, color="grey", alpha=0.5, linestyle=":")
+        elif best_number is not None and r["trial"] == best_number:
+            ax.plot(steps, losses, color="black", linewidth=2, label=f"best (trial {best_number})")
         else:
             ax.plot(steps, losses, color="tab:blue", alpha=0.7)
+    if best_number is not None:
+        ax.legend(fontsize=8)
     ax.set(xlabel="training step", ylabel="validation loss", title="Validation curves (red dashed, x: pruned)")
     images["curves"] = png(fig)
     return images

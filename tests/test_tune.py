@@ -409,3 +409,33 @@ def test_two_workers_share_one_study_and_its_total(make_project: Any) -> None:
     assert len(pids) == 2  # both workers ran trials
     progress = [line for out, _ in outputs for line in out.splitlines() if line.startswith("trial ")]
     assert len(progress) == 6
+
+
+@pytest.mark.slow
+def test_retrain_flow_runs_the_study_before_train_and_trains_its_best(make_project: Any) -> None:
+    from tests.conftest import FAST
+
+    project = make_project(
+        FAST
+        | {
+            "tune.enabled": True,
+            "tune.space": {"learning_rate": {"type": "float", "low": 1e-4, "high": 3e-2, "log": True}},
+            "tune.n_trials": 3,
+            "tune.startup_trials": 1,
+        }
+    )
+    done = run_sdft(project, "run", "--dry-run")
+    assert done.returncode == 0, done.stderr[-3000:]
+    best = json.loads((project / "reports" / "tune" / "best_params.json").read_text())
+    trained = yaml.safe_load((project / "params.yaml").read_text())["train"]
+    assert trained["learning_rate"] == best["train"]["learning_rate"]
+    # The train stage ran on the applied value: its validation loss is the best trial's (same data, seed, noise).
+    summary = json.loads((project / "reports" / "train" / "summary.json").read_text())
+    assert summary["best_val_loss"] == pytest.approx(best["objective"], rel=1e-3)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sdft")
+    (retrain,) = client.search_runs([experiment.experiment_id], "tags.`sdft.tune.best_trial` != ''")
+    assert retrain.data.tags["sdft.tune.study"] == best["study"]
+    assert float(retrain.data.params["train.learning_rate"]) == pytest.approx(best["train"]["learning_rate"])
