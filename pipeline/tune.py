@@ -83,7 +83,7 @@ def make_storage(url: str, heartbeat_seconds: int) -> Any:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # this module prints one line per trial
-    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import IntegrityError, OperationalError
 
     for attempt in range(3):
         try:
@@ -96,7 +96,7 @@ def make_storage(url: str, heartbeat_seconds: int) -> Any:
                     grace_period=2 * heartbeat_seconds,
                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
                 )
-        except OperationalError:  # workers starting together on a new database race to create its tables
+        except (IntegrityError, OperationalError):  # workers starting together on a new database race to create it
             if attempt == 2:
                 raise
             time.sleep(1 + attempt)
@@ -513,7 +513,10 @@ def current_values(train: TrainParams, tune: TuneParams) -> dict[str, Any] | Non
         value: Any = dumped
         for part in key.split("."):
             value = value[part]
-        inside = value in (dim.values or []) if dim.type == "choice" else dim.low <= value <= dim.high
+        if dim.type == "choice":
+            inside = value in (dim.values or [])
+        else:  # a null (e.g. snr_gamma: null) or other non-number is outside any range
+            inside = isinstance(value, int | float) and not isinstance(value, bool) and dim.low <= value <= dim.high
         if dim.type == "int" and inside:
             inside = (value - dim.low) % (dim.step or 1) == 0
         if not inside:

@@ -128,6 +128,43 @@ def test_apply_reaches_nested_train_keys_only_inside_train() -> None:
     assert new["train"]["seed"] == 7 and new["tune"]["seed"] == 0 and new["evaluate"]["seed"] == 1234
 
 
+# --- the study's count and budget ------------------------------------------------------------------------------------
+
+
+def test_the_count_skips_dead_and_dropped_trials_and_budgets_stop_new_ones() -> None:
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from pipeline.tune import NOT_COUNTED, budget_left, counted
+
+    study = optuna.create_study()
+    dist = {"learning_rate": FloatDistribution(1e-4, 1e-2)}
+
+    def add(state: TrialState, seconds: float = 60.0, steps: int = 100, **attrs: Any) -> None:
+        system = attrs.pop("system", {})
+        study.add_trial(
+            create_trial(
+                state=state, value=1.0 if state == TrialState.COMPLETE else None, params={"learning_rate": 1e-3},
+                distributions=dist, user_attrs={"seconds": seconds, "steps": steps, **attrs}, system_attrs=system,
+            )
+        )  # fmt: skip
+
+    add(TrialState.COMPLETE)  # 0
+    add(TrialState.FAIL)  # 1: its worker died ...
+    add(TrialState.PRUNED, steps=20)  # 2
+    add(TrialState.COMPLETE, system={"failed_trial": 1, "retry_history": [1]})  # 3: ... and 1 ran again as 3
+    add(TrialState.FAIL, **{NOT_COUNTED: "over budget"})  # 4: raced past n_trials, never ran
+    trials = study.get_trials()
+    assert [t.number for t in counted(trials)] == [0, 2, 3]
+    tune = TuneParams()
+    assert budget_left(trials, tune, total=4) is None
+    assert budget_left(trials, tune, total=3) == "the study has its 3 trials"
+    assert "max_total_steps=220 spent" in budget_left(trials, tune.model_copy(update={"max_total_steps": 220}), 10)
+    assert budget_left(trials, tune.model_copy(update={"max_total_steps": 221}), 10) is None
+    assert "max_minutes=3" in budget_left(trials, tune.model_copy(update={"max_minutes": 3}), 10)
+
+
 # --- trials on the tiny model ---------------------------------------------------------------------------------------
 
 
@@ -246,15 +283,15 @@ def test_study_beats_the_defaults_within_five_trainings(make_project: Any) -> No
             "train.validation_every": 10,
             "tune.space": STUDY_SPACE,
             "tune.n_trials": 12,
-            "tune.startup_trials": 3,
+            "tune.startup_trials": 1,  # trial 0 (the shipped values) is the only one never pruned
             "tune.warmup_checks": 1,
         }
     )
     prepare_data(project)
     env = sdft_env(project)
-    # One full training with the shipped defaults: the train stage's command, as `dvc repro train` runs it.
-    train = [sys.executable, "-m", "pipeline.train", "--params", "params.yaml", "--prepared", "data/prepared"]
-    train += ["--encoded", "data/encoded", "--out", "models/adapter", "--report", "reports/train"]
+    # One full training with the shipped defaults: the train stage's command (dvc.yaml), as `dvc repro train` runs it.
+    stage = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]["train"]["cmd"].split()
+    train = [sys.executable, *stage[1:]]
     start = time.perf_counter()
     done = subprocess.run(train, cwd=project, env=env, capture_output=True, text=True)
     full_seconds = time.perf_counter() - start
