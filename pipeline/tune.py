@@ -362,7 +362,9 @@ class Tracker:
 
         parent = study.user_attrs.get("mlflow_run_id")
         if parent is None and not created:
-            for _ in range(20):  # the worker that created the study opens the run: wait briefly for its id
+            # The worker that created the study opens the run (and, the first time, the tracking database, whose
+            # creation two processes must not race): wait for its id, then take over if it died in between.
+            for _ in range(240):
                 time.sleep(0.5)
                 parent = study.user_attrs.get("mlflow_run_id")  # user_attrs reads the storage each time
                 if parent:
