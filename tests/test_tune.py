@@ -473,7 +473,7 @@ def test_retrain_flow_runs_the_study_before_train_and_trains_its_best(make_proje
             "tune.startup_trials": 1,
         }
     )
-    done = run_sdft(project, "run", "--dry-run")
+    done = run_sdft(project, "run", "--dry-run", timeout=1800)  # a whole retrain, the study included
     assert done.returncode == 0, done.stderr[-3000:]
     best = json.loads((project / "reports" / "tune" / "best_params.json").read_text())
     trained = yaml.safe_load((project / "params.yaml").read_text())["train"]
