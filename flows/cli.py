@@ -2,6 +2,7 @@
 
 sdft init          install the pre-trained tiny default base model (models/tiny-sd) and demo data if missing
 sdft run           run the retrain flow once: DVC stages, gate, registration
+sdft tune          run or continue the hyperparameter study of params.yaml's tune section; --apply: keep its best
 sdft models        registered versions with their aliases, status, gate metrics and last change
 sdft promote       make a version @champion by hand (audited); rollback: back to @previous-champion
 sdft approve       promote the @challenger (registry.approval: manual); lineage: what a version came from
@@ -113,6 +114,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://")):
         print(f"Open it with: {ui_command(root)}  then http://127.0.0.1:5000")
     return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Bring the prepared data up to date (DVC), then run or continue the study (pipeline/tune.py)."""
+    import subprocess
+
+    from pipeline import tune
+    from pipeline.config import ParamsError, load_params
+
+    root = Path(args.project).resolve()
+    try:
+        load_params(root / "params.yaml")
+    except ParamsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not args.no_repro:
+        from flows.retrain import _tool, data_stages, ensure_workspace
+
+        ensure_workspace(root)
+        stages = data_stages(root)
+        if stages:
+            done = subprocess.run([_tool("dvc"), "repro", stages[-1]], cwd=root)
+            if done.returncode != 0:
+                print(f"error: `dvc repro {stages[-1]}` failed; the study needs the prepared data", file=sys.stderr)
+                return 1
+    argv = ["--params", str(root / "params.yaml"), "--prepared", str(root / "data" / "prepared")]
+    argv += ["--encoded", str(root / "data" / "encoded"), "--workdir", str(root / ".sdft" / "tune")]
+    argv += ["--report", str(root / "reports" / "tune")]
+    return tune.main(argv + (["--apply"] if args.apply else []))
 
 
 def _model_name(args: argparse.Namespace) -> str:
@@ -316,6 +346,12 @@ def main(argv: list[str] | None = None) -> int:
         "source holds the same content as the last retrain",
     )
     run.set_defaults(func=cmd_run)
+    tune = sub.add_parser("tune", help="run or continue the hyperparameter study (docs/tuning.md)")
+    tune.add_argument("--apply", action="store_true", help="write the best values into params.yaml (tuned keys only)")
+    tune.add_argument(
+        "--no-repro", action="store_true", help="use data/prepared as it is (extra workers: one DVC run at a time)"
+    )
+    tune.set_defaults(func=cmd_tune)
     models = sub.add_parser("models", help="list registered versions")
     models.add_argument("--name", help="registered model name (default: registry.model_name)")
     models.add_argument("--limit", type=int, default=20, help="newest versions shown (default 20)")

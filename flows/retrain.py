@@ -63,6 +63,12 @@ def stage_names(root: Path) -> list[str]:
     return list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
 
 
+def data_stages(root: Path) -> list[str]:
+    """The stages before `train` (prepare, encode): what a hyperparameter study needs up to date."""
+    stages = stage_names(root)
+    return stages[: stages.index("train")] if "train" in stages else []
+
+
 def ensure_workspace(root: Path) -> None:
     """Make `root` usable by DVC: `git init` and `dvc init` only where missing; never commits anything."""
     if subprocess.run(["git", "rev-parse", "--git-dir"], cwd=root, capture_output=True).returncode != 0:
@@ -253,6 +259,33 @@ def default_remote(root: Path) -> str | None:
     return name if remote.returncode == 0 and name else None
 
 
+@task(name="tune")
+def tune_study(root: Path, apply: bool = True) -> dict[str, Any]:
+    """Run or continue the hyperparameter study (pipeline/tune.py); with `apply`, write its best values into
+    params.yaml.
+
+    Output goes to `.sdft/logs/tune.{out,err}`; the study logs its own MLflow run, with one child run per trial.
+    """
+    command = [sys.executable, "-m", "pipeline.tune", "--params", "params.yaml", "--prepared", "data/prepared"]
+    command += ["--encoded", "data/encoded", "--workdir", ".sdft/tune", "--report", str(REPORTS / "tune")]
+    command += ["--apply"] if apply else []
+    (root / LOGS).mkdir(parents=True, exist_ok=True)
+    out_file, err_file = root / LOGS / "tune.out", root / LOGS / "tune.err"
+    environment = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
+    with open(out_file, "w") as out, open(err_file, "w") as err:
+        process = subprocess.Popen(command, cwd=root, env=environment, stdout=out, stderr=err)
+        try:
+            while process.poll() is None:
+                time.sleep(0.5)
+        except BaseException:
+            _stop_tree(process.pid)
+            raise
+    get_run_logger().info("%s", out_file.read_text()[-4000:])
+    if process.returncode != 0:
+        raise RuntimeError(f"the study failed (exit {process.returncode}):\n{err_file.read_text()[-4000:]}")
+    return json.loads((root / REPORTS / "tune" / "best_params.json").read_text())
+
+
 @task(name="dvc push", retries=3, retry_delay_seconds=[10, 30, 90])
 def push_outputs(root: Path) -> None:
     """Send the stages' outputs to the default DVC remote (docs/scale-out.md), so other machines can `dvc pull`."""
@@ -387,7 +420,22 @@ def retrain(project: str = ".", dry_run: bool = False, trigger: Trigger = "manua
         seen = last_success(root)
         if trigger == "data" and seen and seen.get("data_identity") == data:
             return skipped(root, params, trigger, f"data unchanged since the retrain of {seen['at']}", data)
+        best = None
+        if params.tune.enabled:  # the data stages, the study, then the run: it logs the tuned params.yaml
+            for stage in data_stages(root):
+                run_stage.with_options(timeout_seconds=timeouts.get(stage))(root, stage, "")
+            best = tune_study(root)
+            params = validate(root)
         run_id = open_run(root)
+        if best is not None:
+            registry.set_tags(
+                run_id,
+                {
+                    "sdft.tune.study": best["study"],
+                    "sdft.tune.best_trial": best["best_trial"],
+                    "sdft.tune.study_run_id": best.get("mlflow_run_id") or "",
+                },
+            )
         try:
             for stage in stage_names(root):
                 state = run_stage.with_options(timeout_seconds=timeouts.get(stage))(

@@ -6,6 +6,7 @@ file, the dotted key, its line, and what to do, before any work starts.
 
 from __future__ import annotations
 
+import copy
 import os
 import posixpath
 import re
@@ -14,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from pipeline.gate import GatePolicy
 
@@ -252,6 +254,145 @@ DEFAULT_GENERAL_PROMPTS = (
 )
 
 
+class SearchDimension(_Section):
+    """One tuned `train` key: {type: float, low, high, log} | {type: int, low, high, step} | {type: choice, values}."""
+
+    type: Literal["float", "int", "choice"]
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool = False
+    step: Annotated[int, Field(ge=1)] | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> SearchDimension:
+        if self.type == "choice":
+            if self.low is not None or self.high is not None or self.log or self.step is not None:
+                raise ValueError("type choice takes only `values` (no low, high, log or step)")
+            if not self.values:
+                raise ValueError("type choice needs a non-empty `values` list, e.g. values: [4, 8, 16]")
+            if len({repr(v) for v in self.values}) != len(self.values):
+                raise ValueError(f"type choice lists a value twice: {self.values}")
+            return self
+        if self.values is not None:
+            raise ValueError(f"type {self.type} takes low and high, not `values` (use type: choice for a list)")
+        if self.low is None or self.high is None:
+            raise ValueError(f"type {self.type} needs both `low` and `high`")
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be smaller than high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log: true needs low > 0 (got {self.low}); a log scale cannot reach 0")
+        if self.type == "float" and self.step is not None:
+            raise ValueError("type float takes no `step` (use type int, or type choice with the values you want)")
+        if self.type == "int":
+            if not (isinstance(self.low, int) and isinstance(self.high, int)):
+                raise ValueError(f"type int needs whole-number bounds, got low {self.low!r}, high {self.high!r}")
+            if self.log and self.step not in (None, 1):
+                raise ValueError("type int with log: true cannot take a step other than 1 (optuna's rule)")
+        return self
+
+    def candidates(self) -> list[Any]:
+        """Every value a grid visits: the choices, or low..high by step (floats have no grid)."""
+        if self.type == "choice":
+            return list(self.values or [])
+        if self.type == "int":
+            return list(range(int(self.low), int(self.high) + 1, self.step or 1))
+        raise ValueError("a float range has no finite grid")
+
+
+def _train_field(key: str) -> Any:
+    """The pydantic field of a (dotted) `train` key, or None."""
+    model: Any = TrainParams
+    *parents, leaf = key.split(".")
+    for part in parents:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if field is None or not (isinstance(annotation, type) and issubclass(annotation, _Section)):
+            return None
+        model = annotation
+    return model.model_fields.get(leaf)
+
+
+def _tune_error(at: tuple[str, ...], reason: str) -> PydanticCustomError:
+    # The reason travels in the context: a template would read its braces as placeholders.
+    return PydanticCustomError("sdft_tune", "{reason}", {"reason": reason, "at": at})
+
+
+# The search params.yaml ships (keep the two identical): learning rate, LoRA capacity and its dropout.
+DEFAULT_SPACE = {
+    "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+    "lora_rank": {"type": "choice", "values": [2, 4, 8, 16]},
+    "lora_dropout": {"type": "float", "low": 0.0, "high": 0.3},
+}
+
+
+class TuneParams(_Section):
+    """Hyperparameter search over `train` keys (pipeline/tune.py, docs/tuning.md); the stages never read it."""
+
+    enabled: bool = Field(False, description="The retrain flow runs the study before train and applies its best.")
+    space: dict[str, SearchDimension] = Field(
+        default_factory=lambda: {k: SearchDimension(**v) for k, v in DEFAULT_SPACE.items()}
+    )
+    n_trials: Annotated[int, Field(ge=1)] = Field(20, description="Trials of the whole study (all workers together).")
+    max_minutes: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="No new trial once the study's trials have run this many minutes in all (null: no limit)."
+    )
+    max_total_steps: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="No new trial once the study's trials have run this many training steps in all."
+    )
+    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    pruner: Literal["median", "hyperband", "successive_halving", "none"] = "median"
+    warmup_checks: Annotated[int, Field(ge=0)] = Field(
+        2, description="Validation checks of a trial before it may be pruned."
+    )
+    startup_trials: Annotated[int, Field(ge=0)] = Field(
+        5,
+        description="First trials: sampled at random (tpe) and never pruned (median), so later ones have a reference.",
+    )
+    objective: Literal["best_val_loss", "final_val_loss"] = Field(
+        "best_val_loss", description="Minimised: the trial's best held-out validation loss (the weights train keeps)."
+    )
+    seed: int = 0
+    storage: str | None = Field(
+        None, description="Optuna storage URL (null: sqlite under .sdft/tune/; a database URL for many machines)."
+    )
+    study_name: str | None = Field(
+        None, description="null: named after what the trials depend on (data, base model, untuned train keys, space)."
+    )
+    heartbeat_seconds: Annotated[int, Field(ge=1)] = Field(
+        60, description="A trial whose worker has been silent for twice this is failed and run again once."
+    )
+
+    @field_validator("space")
+    @classmethod
+    def _known_keys(cls, space: dict[str, SearchDimension]) -> dict[str, SearchDimension]:
+        if not space:
+            raise _tune_error((), "empty: name at least one train key to search, e.g. learning_rate")
+        for key, dim in space.items():
+            field = _train_field(key.removeprefix("train."))
+            if key.startswith("train."):
+                raise _tune_error((key,), f"write the train key without its section: '{key.removeprefix('train.')}'")
+            if field is None:
+                raise _tune_error(
+                    (key,),
+                    f"no such key in the train section (tunable keys are train's, e.g. {', '.join(DEFAULT_SPACE)})",
+                )
+            if dim.type == "float" and field.annotation is not None and "float" not in str(field.annotation):
+                raise _tune_error((key,), f"train.{key} does not take fractional values: use type int or choice")
+        return space
+
+    @model_validator(mode="after")
+    def _grid(self) -> TuneParams:
+        if self.sampler == "grid":
+            floats = [k for k, d in self.space.items() if d.type == "float"]
+            if floats:
+                raise _tune_error(
+                    ("space", floats[0]),
+                    "sampler grid needs a finite set of values: use type choice (values: [...]) or type int",
+                )
+        return self
+
+
 class EvaluateParams(_Section):
     seed: int = 1234
     val_timesteps: Annotated[int, Field(ge=1)] = 10
@@ -350,12 +491,39 @@ class Params(_Section):
     registry: RegistryParams
     orchestration: OrchestrationParams = OrchestrationParams()
     notify: NotifyParams = NotifyParams()
+    tune: TuneParams = TuneParams()
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:
         if self.data.layout == "manifest" and not self.data.manifest:
             raise ValueError("data.layout is 'manifest' but data.manifest is not set")
+        self._space_fits_train()
         return self
+
+    def _space_fits_train(self) -> None:
+        """Every bound and choice of tune.space must be a value this train section accepts for its key."""
+        base = self.train.model_dump()
+        for key, dim in self.tune.space.items():
+            probes = dim.values if dim.type == "choice" else [dim.low, dim.high]
+            for value in probes or []:
+                try:
+                    TrainParams.model_validate(with_key(base, key, value))
+                except ValidationError as exc:
+                    reason = "; ".join(e["msg"] for e in exc.errors())
+                    raise _tune_error(
+                        ("tune", "space", key), f"{value!r} is not a valid train.{key} here: {reason}"
+                    ) from None
+
+
+def with_key(train: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """A copy of a dumped train section with the (dotted) `key` set to `value`."""
+    out = copy.deepcopy(train)
+    node = out
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    return out
 
 
 def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
@@ -388,6 +556,7 @@ REMOVED_KEYS = {
 
 def _describe(error: dict[str, Any], path: Path, text: str) -> str:
     loc = tuple(part for part in error["loc"] if part not in ("function-after",))
+    loc += tuple((error.get("ctx") or {}).get("at", ()))  # tune.space checks name the key they refuse
     key = ".".join(str(part) for part in loc) or "(top level)"
     line = _line_of(text, loc)
     where = f"{path}:{line}" if line else str(path)
@@ -400,6 +569,8 @@ def _describe(error: dict[str, Any], path: Path, text: str) -> str:
         return f"{where}: unknown key '{key}'. Remove it, or check its spelling against the documented keys."
     if error["type"] == "missing":
         return f"{where}: missing key '{key}'. Add it (see README, 'params.yaml')."
+    if error["type"] == "sdft_tune":
+        return f"{where}: '{key}': {error['msg']} (docs/tuning.md)."
     got = "" if "got " in error["msg"] else f" (got {error.get('input')!r})"  # a validator's message may say it
     return f"{where}: '{key}': {error['msg']}{got}."
 

@@ -26,7 +26,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -642,9 +642,13 @@ def train(
     fingerprint: str = "",
     random_flip: bool = False,
     precomputed: tuple[EncodedSplit, EncodedSplit] | None = None,
+    on_validation: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Fine-tune the UNet (and optionally the text encoders); return the models holding the weights with the lowest
     held-out validation loss. With `checkpoints`, save resumable state there and resume from a matching checkpoint.
+
+    `on_validation(step, val_loss)` is called at every validation check (step 0 included); it may raise to stop the
+    run (the tuner prunes a trial so), and the exception propagates. Single-process runs only.
     """
     from accelerate import Accelerator
     from accelerate.utils import broadcast
@@ -794,6 +798,8 @@ def train(
         state.initial = state.best = validate()
         best_weights = snapshot()
         state.history.append({"step": 0, "val_loss": state.initial})
+        if on_validation is not None:
+            on_validation(0, state.initial)
     losses = torch.zeros(params.log_every, device=accelerator.device)  # per-step losses since the last host sync
     pending: list[dict[str, float]] = []
     start = time.perf_counter() - state.seconds
@@ -835,6 +841,8 @@ def train(
             live.metrics({"train.val_loss": val}, step)
             if track_validation(state, step, val, params):
                 best_weights = snapshot()
+            if on_validation is not None:
+                on_validation(step, val)
         if saving:
             state.seconds = time.perf_counter() - start
             save_checkpoint(
