@@ -206,7 +206,9 @@ def gate(
     out.mkdir(parents=True, exist_ok=True)
     (out / "gate.json").write_text(json.dumps(record, indent=2) + "\n")
     report = "".join(f"> **Warning:** {w}\n\n" for w in warnings) + decision.to_markdown()
-    (out / "gate.md").write_text(report + "\n" + measured_on(record) + "\n")
+    if decision.checks:  # nothing is measured when the candidate is the champion itself
+        report += "\n" + measured_on(record) + "\n"
+    (out / "gate.md").write_text(report)
     return GateOutcome(decision, kind, champion.version if champion else None, eval_set_hash, record)
 
 

@@ -220,7 +220,7 @@ def test_cli_side_outputs(cli_run: Path, project: Path) -> None:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 16 and {r["predicted_label"] for r in rows} <= {"circle", "square", "triangle"}
     worst = json.loads((out / "memorisation.json").read_text())["candidate"]
-    assert len(worst) == 3
+    assert 1 <= len(worst) <= 3 and len({w["nearest_train"] for w in worst}) == len(worst)  # each train image once
     assert [w["similarity"] for w in worst] == sorted((w["similarity"] for w in worst), reverse=True)
     train_files = {str(project / "prepared" / "train" / f"{k:03d}.png") for k in range(len(TRAIN))}
     assert all(w["nearest_train"] in train_files and (out / w["generated"]).is_file() for w in worst)

@@ -18,14 +18,16 @@ GATE_MD = "**Gate: PROMOTE** (candidate vs base model (untuned)). Promoted.\n"
 
 @pytest.fixture
 def project(make_project, monkeypatch: pytest.MonkeyPatch) -> Path:  # noqa: ANN001
-    root = make_project()
+    root = make_project({"gate.guardrails": []})  # val_loss only: the metrics below are written by hand
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     monkeypatch.chdir(root)
     reports = root / "reports"
     (reports / "eval").mkdir(parents=True)
     losses = {"candidate": [0.5, 0.6, 0.7, 0.8], "base": [0.9, 1.0, 1.1, 1.2]}
     metrics = {name: {"val_loss": sum(v) / len(v)} for name, v in losses.items()}
-    (reports / "metrics.json").write_text(json.dumps(metrics | {"evaluation": {"eval_set_hash": "e" * 64}}))
+    (reports / "metrics.json").write_text(
+        json.dumps(metrics | {"evaluation": {"eval_set_hash": "e" * 64, "split": "test"}})
+    )
     (reports / "eval" / "samples.json").write_text(json.dumps({n: {"val_loss": v} for n, v in losses.items()}))
     (reports / "data_validation.json").write_text(json.dumps({"source": "data/demo", "identity": {}}))
     return root
@@ -67,9 +69,10 @@ def test_a_champion_trained_on_other_data_is_flagged(project: Path, tiny_model: 
     champion = save_test_adapter(tiny_model, tmp_path / "champion", seed=1)
     register(project, champion, tiny_model, "data/demo")
     (project / "reports" / "data_validation.json").write_text(json.dumps({"source": "/home/me/photos"}))
-    (project / ".sdft" / "baselines").mkdir(parents=True)  # the champion's numbers on this set, as a cache holds them
-    cached = {"values": {"val_loss": 0.6}, "samples": {"val_loss": [0.55, 0.6, 0.65, 0.6]}}
-    (project / ".sdft" / "baselines" / f"sdft-demo-v1-{'e' * 16}.json").write_text(json.dumps(cached))
+    # The champion's numbers on this set, as the cache holds them.
+    champion_version = registry.champion("sdft-demo")
+    values, samples = {"val_loss": 0.6}, {"val_loss": [0.55, 0.6, 0.65, 0.6]}
+    promotion.write_baseline_cache(project, "sdft-demo", champion_version, "e" * 64, values, samples)
 
     outcome = run_gate(project, save_test_adapter(tiny_model, tmp_path / "candidate", seed=2))
 

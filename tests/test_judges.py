@@ -204,7 +204,7 @@ def judged_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("judged")
     tiny_sd = build_tiny_sd(root / "tiny-sd")
     validation = [("purple", "circle", "white"), ("purple", "square", "black"), ("purple", "triangle", "white")]
-    _write_split(root / "prepared" / "validation", validation * 2, seed=1)
+    _write_split(root / "prepared" / "test", validation * 2, seed=1)
     _write_split(root / "prepared" / "train", validation * 2, seed=2)
     overrides = {
         "clip_model": "judge",

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from pipeline import encode, promotion, registry, train
 from pipeline.config import load_params
 from pipeline.diffusion import TEST, TRAINING_SPLITS
+from tests.conftest import set_params
 from tests.test_train import prepared, write_params, write_split  # noqa: F401  (prepared is a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,8 +96,9 @@ def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def gate_project(tmp_path: Path, mlflow_store: str) -> Path:
-    """A project folder with the repository's params.yaml, on the empty store."""
+    """A project folder with the repository's params.yaml (val_loss only: no guardrails), on the empty store."""
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    set_params(tmp_path, {"gate.guardrails": []})
     return tmp_path
 
 
