@@ -244,13 +244,11 @@ class TrainParams(_Section):
 # The shape world's defaults (pipeline/world.py): what the demo fine-tune learns (purple), and what the base model
 # already knew (red, green, blue), for forgetting.
 DEFAULT_EVAL_PROMPTS = ("a purple circle on a white background", "a purple triangle on a black background")
-DEFAULT_GENERAL_PROMPTS = (
-    "a red square on a black background",
-    "a green circle on a white background",
-    "a blue triangle on a white background",
-    "a red triangle on a white background",
-    "a green square on a black background",
-    "a blue circle on a black background",
+DEFAULT_GENERAL_PROMPTS = tuple(
+    f"a {c} {shape} on a {b} background"
+    for c in ("red", "green", "blue")
+    for shape in ("circle", "square", "triangle")
+    for b in ("white", "black")
 )
 
 

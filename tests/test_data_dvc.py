@@ -195,6 +195,7 @@ def test_new_images_rerun_every_stage_downstream_and_nothing_else_does(tmp_path:
     tiny = {"train.max_steps": 2, "train.validation_every": 2, "train.sample_every": 0, "train.sample_steps": 2}
     tiny |= {"evaluate.images_per_prompt": 1, "evaluate.num_inference_steps": 2, "evaluate.val_timesteps": 2}
     tiny |= {"gate.bootstrap_resamples": 200, "evaluate.prompts": ["a red circle"], "evaluate.general_prompts": []}
+    tiny |= {"gate.guardrails": []}  # no shape-world prompts here, so no adherence to guard
     project = new_project(tmp_path / "project", tiny_model, tiny)
     dvc(project, "init", "-q")
     stages = ("prepare", "encode", "train", "evaluate")
