@@ -75,9 +75,9 @@ def test_retrain_promotes_then_rejects_a_worse_model(promoted, monkeypatch: pyte
     assert gate["promote"] is True and gate["baseline_kind"] == "base"
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
     assert metrics["candidate"]["val_loss"] < metrics["base"]["val_loss"]
-    # The gate compared on the test split (the demo's 8 test images), which train never read; every report says so.
-    assert metrics["evaluation"]["split"] == gate["split"] == "test" and gate["n_test_images"] == 8
-    assert "Measured on the `test` split (8 images" in (project / "reports" / "gate.md").read_text()
+    # The gate compared on the test split (the demo's 17 test images), which train never read; every report says so.
+    assert metrics["evaluation"]["split"] == gate["split"] == "test" and gate["n_test_images"] == 17
+    assert "Measured on the `test` split (17 images" in (project / "reports" / "gate.md").read_text()
     assert not (project / "data" / "encoded" / "test.safetensors").exists()
 
     client = mlflow_client(project, monkeypatch)
