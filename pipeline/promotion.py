@@ -33,6 +33,7 @@ class GateOutcome:
     champion_version: str | None  # the champion compared with (None on the first run)
     eval_set_hash: str
     record: dict[str, Any]
+    report: str = ""  # gate.md: the registered version's description
 
 
 def load_model_metrics(metrics: dict[str, Any], samples: dict[str, Any], name: str, source: str) -> MetricSet:
@@ -209,7 +210,7 @@ def gate(
     if decision.checks:  # nothing is measured when the candidate is the champion itself
         report += "\n" + measured_on(record) + "\n"
     (out / "gate.md").write_text(report)
-    return GateOutcome(decision, kind, champion.version if champion else None, eval_set_hash, record)
+    return GateOutcome(decision, kind, champion.version if champion else None, eval_set_hash, record, report)
 
 
 def measured_on(record: dict[str, Any]) -> str:
@@ -272,7 +273,7 @@ def promote(params: Params, root: Path, outcome: GateOutcome, run_id: str, adapt
         resolve_model(params, root),
         params.registry.model_name,
         expected_champion=outcome.champion_version,
-        description=outcome.decision.to_markdown(),
+        description=outcome.report or outcome.decision.to_markdown(),
         version_tags=tags,
         approval=params.registry.approval,
         reason=outcome.decision.reason,
