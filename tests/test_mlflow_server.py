@@ -135,8 +135,11 @@ def test_lineage_commands_rebuild_the_same_adapter(served, http, tmp_path: Path)
     assert commands[1] == f"git checkout {tags['mlflow.source.git.commit']}"
     assert any(c.startswith("dvc repro") for c in commands)
 
-    # Exactly the printed commands, in a shell, from an empty folder.
+    # Exactly the printed commands, in a shell, from an empty folder. One line more: this project was trained from
+    # the random tiny model built in code, not the shipped base `sdft init` installs, so the same base is brought in
+    # first (a real user has their base.model folder or hub id already).
     environment = sdft_env(tmp_path) | {"MLFLOW_TRACKING_URI": server.uri}
+    commands = [*commands[:2], f"mkdir -p models && cp -r {project / 'models' / 'tiny-sd'} models/", *commands[2:]]
     script = "set -euo pipefail\n" + "\n".join(commands) + "\n"
     rebuilt = subprocess.run(
         ["bash", "-c", script], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=1200
