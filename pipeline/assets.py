@@ -7,12 +7,13 @@ into place only after its hashes match, so a truncated or edited file is caught 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import shutil
 from pathlib import Path
 from typing import Any
+
+from pipeline.ingest import file_sha256
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 MANIFEST = "MANIFEST.json"
@@ -20,14 +21,6 @@ MANIFEST = "MANIFEST.json"
 
 class AssetError(RuntimeError):
     """An asset is missing or does not match its manifest; the message names the file and the fix."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _files(folder: Path) -> list[Path]:

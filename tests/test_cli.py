@@ -7,18 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import REPO, sdft_env
+from tests.conftest import REPO, run_sdft, sdft_env
 
 
 def sdft(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", "--project", str(project), *args],
-        cwd=project,
-        env=sdft_env(project),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_sdft(project, *args, timeout=300)
 
 
 def test_every_command_and_argument_has_help(tmp_path: Path) -> None:
